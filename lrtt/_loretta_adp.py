@@ -1,0 +1,170 @@
+"""LoRETTA_adp (Yang et al., NAACL 2024): tensorized bottleneck adapters beside frozen layers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lrtt import _tt
+from lrtt._adapter import ACTIVATIONS, BottleneckAdapter, TTKernel
+from lrtt._method import (
+    check_choice,
+    check_positive_int,
+    freeze_patterns,
+    split_keys,
+    to_config,
+    trainable_copies,
+)
+from lrtt._paths import nest
+from lrtt._targets import Target, as_pairs, select
+
+ADP_INITS = ("identity", "gaussian")
+
+# Reference placement (DESIGN §1.4), per family; paths of transformers' Flax models.
+ADP_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "after": {
+        "loretta": (
+            r"(^|/)encoder/layer/(\d+/)?(attention/)?output/dense/kernel$",  # BERT, RoBERTa
+            r"(^|/)mlp/down_proj/kernel$",  # Llama
+            r"(^|/)(attn|mlp)/c_proj/kernel$",  # GPT-2
+        ),
+    },
+    "before": {"loretta": (r"(^|/)mlp/(gate_proj|up_proj)/kernel$",)},  # Llama
+}
+NORM_PATTERNS = (r"(^|/)(LayerNorm|layernorm|ln_\d+|ln_f|\w*_layernorm|norm)/(scale|bias|weight)$",)
+CLASSIFIER_DENSE = (r"(^|/)(classifier/dense|pooler/dense)/kernel$",)
+HEAD_PATTERNS = (
+    r"(^|/)(classifier/dense|pooler/dense)/bias$",
+    r"(^|/)(classifier/out_proj|classifier|score|qa_outputs)/(kernel|bias)$",
+)
+
+
+def _preset(value: Any, position: str) -> tuple[str, ...]:
+    if isinstance(value, str) and value in ADP_PRESETS[position]:
+        return ADP_PRESETS[position][value]
+    return freeze_patterns(value, position)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LorettaAdp:
+    """Tensorized bottleneck adapters after (or before) the matched linear layers.
+
+    .. math::  f(h) = s\\,(\\mathrm{act}(h D + d)\\, U + u), \\qquad
+       D: (n, m),\\; U: (m, n) \\text{ as TT matrices}
+
+    * after-linear targets: ``y = h + f(h)`` with ``h = x W_0 + b_0`` (BERT-family attention and
+      FFN output dense, Llama ``down_proj``);
+    * before-linear targets: ``y = (x + f(x)) W_0 + b_0`` (Llama ``gate_proj``, ``up_proj``).
+
+    Not mergeable: ``f`` is non-linear; run it through :func:`lrtt.factored`.
+
+    Args:
+      bottleneck: ``m`` (reference 64).
+      tt_rank: TT rank of the cores of ``D`` and ``U`` (reference 5).
+      scale: ``s`` (reference 1.0).
+      activation: one of ``relu`` (reference), ``gelu``, ``silu``, ``tanh``, ``identity``.
+      tt_shape: ``"loretta"`` (reference tables, default), ``None`` (automatic) or dims.
+      after, before: ``"loretta"`` (the reference placement), a regex or list, or ``None``.
+      train_norms: train every layer norm's scale/bias in full (the paper counts them).
+      tensorized_classifier: replace the pooler/classifier dense kernel by a fresh trainable TT
+        matrix (reference shapes), for classification models.
+      train_head: train the classification head (and the tensorized dense's bias) in full.
+      initializer: ``"identity"`` (default; the last core of ``U`` and ``u`` are zero, so ``f = 0`` at
+        step 0) or ``"gaussian"`` (the reference; every core Gaussian).
+      layouts, trainable, param_dtype: as in :class:`lrtt.LoRA`.
+    """
+
+    bottleneck: int = 64
+    tt_rank: int = 5
+    scale: float = 1.0
+    activation: str = "relu"
+    tt_shape: Any = "loretta"
+    after: str | Sequence[str] | None = "loretta"
+    before: str | Sequence[str] | None = "loretta"
+    train_norms: bool = True
+    tensorized_classifier: bool = False
+    train_head: bool = False
+    initializer: str = "identity"
+    layouts: Mapping[str, str] | Sequence[tuple[str, str]] = ()
+    trainable: str | Sequence[str] | None = None
+    param_dtype: Any = jnp.float32
+
+    mergeable = False
+
+    def __post_init__(self):
+        check_positive_int(self.bottleneck, "bottleneck")
+        check_positive_int(self.tt_rank, "tt_rank")
+        check_choice(self.activation, "activation", tuple(ACTIVATIONS))
+        check_choice(self.initializer, "initializer", ADP_INITS)
+        object.__setattr__(self, "after", _preset(self.after, "after"))
+        object.__setattr__(self, "before", _preset(self.before, "before"))
+        object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
+        object.__setattr__(self, "layouts", as_pairs(self.layouts))
+        if not isinstance(self.tt_shape, (str, type(None))):
+            object.__setattr__(self, "tt_shape", tuple(self.tt_shape))
+
+    def plan(self, params: Any) -> tuple[Target, ...]:
+        after = select(params, self.after, layouts=self.layouts, name="after", require=False)
+        before = select(params, self.before, layouts=self.layouts, name="before", require=False)
+        both = {t.path for t in after} & {t.path for t in before}
+        if both:
+            raise ValueError(f"`after` and `before` both match {sorted(both)[:3]}; a leaf takes one adapter.")
+        if not after and not before:
+            select(params, self.after + self.before, name="after/before")  # raises the no-match error
+        return tuple(after) + tuple(before)
+
+    def _bottleneck(self, key, target: Target, position: str) -> BottleneckAdapter:
+        n = target.n_out if position == "after" else target.n_in
+        m = self.bottleneck
+        if m > n:
+            raise ValueError(
+                f"`bottleneck`={m} is larger than the {n} features of {target.path!r}; "
+                f"use bottleneck <= {n}."
+            )
+        dims_down = _tt.resolve_dims(self.tt_shape, n, m)
+        dims_up = _tt.resolve_dims(self.tt_shape, m, n)
+        key_d, key_u = jax.random.split(key)
+        common = dict(stack=target.stack, dtype=self.param_dtype)
+        down = _tt.init_gaussian(key_d, dims_down, self.tt_rank, n_in=n, n_out=m, **common)
+        up = _tt.init_gaussian(key_u, dims_up, self.tt_rank, n_in=m, n_out=n, **common)
+        if self.initializer == "identity":
+            up = (*up[:-1], jnp.zeros_like(up[-1]))
+        return BottleneckAdapter(
+            tuple(down),
+            jnp.zeros((*target.stack, m), self.param_dtype),
+            tuple(up),
+            jnp.zeros((*target.stack, n), self.param_dtype),
+            position=position,
+            scale=float(self.scale),
+            activation=self.activation,
+            features=n,
+            bottleneck=m,
+        )
+
+    def init(self, key: jax.Array, params: Any) -> dict:
+        """Adapters for ``after``/``before`` targets, plus norms, classifier and head if asked."""
+        targets = self.plan(params)
+        after = {t.path for t in select(params, self.after, layouts=self.layouts, require=False)}
+        keys = split_keys(key, len(targets) + 1)
+        flat: dict[str, Any] = {}
+        for target, k in zip(targets, keys):
+            flat[target.path] = self._bottleneck(k, target, "after" if target.path in after else "before")
+        if self.tensorized_classifier:
+            for target in select(params, CLASSIFIER_DENSE, layouts=self.layouts, name="tensorized_classifier"):
+                dims = _tt.resolve_dims(self.tt_shape, target.n_in, target.n_out)
+                cores = _tt.init_gaussian(
+                    keys[-1], dims, self.tt_rank, n_in=target.n_in, n_out=target.n_out,
+                    stack=target.stack, dtype=self.param_dtype,
+                )
+                flat[target.path] = TTKernel(tuple(cores), n_in=target.n_in, n_out=target.n_out)
+        patterns = self.trainable
+        patterns += NORM_PATTERNS if self.train_norms else ()
+        patterns += HEAD_PATTERNS if self.train_head else ()
+        flat.update(trainable_copies(params, patterns, exclude=set(flat)))
+        return nest(flat)
+
+    def to_config(self) -> dict:
+        return to_config(self)

@@ -1,0 +1,104 @@
+"""Dense merge: ``W = W0 + ΔW`` for every adapted leaf (the export path), and its inverse."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lrtt._adapter import BottleneckAdapter, LoraFactors, TTFactors, TTKernel, Trainable, entries
+from lrtt._paths import named_leaves, replace_leaves
+from lrtt._targets import Layout, Target, select
+
+NOT_MERGEABLE = (
+    "{method} cannot be merged into the base weights: its adapter f(h) = s·U(act(D(h))) is "
+    "non-linear, so no dense ΔW reproduces it. Run the model through lrtt.factored(fn) with "
+    "lrtt.wrap(method, params, adapter) instead (zero-overhead export exists for LoRA and "
+    "LorettaRep only)."
+)
+
+
+def _leaf_targets(params: Any, paths: set[str], layouts) -> dict[str, Target]:
+    """Targets (path, shape, layout) of the adapted paths, reusing the method's layout rules."""
+    found = {t.path: t for t in select(params, [f"^{re.escape(p)}$" for p in paths], layouts=layouts, require=False)}
+    missing = paths - set(found)
+    if missing:
+        raise ValueError(
+            f"the adapter names leaves the params do not have: {sorted(missing)[:5]}. Was the "
+            "adapter made for another model? Re-create it with method.init(key, params)."
+        )
+    return found
+
+
+def low_rank_delta(entry: "LoraFactors | TTFactors", target: Target) -> jax.Array:
+    """``ΔW = scale · A @ B`` in the leaf's own layout and shape (float32 or the factors' dtype)."""
+    a, b = entry.factor_matrices()
+    if a.shape[-2] != target.n_in or b.shape[-1] != target.n_out:
+        raise ValueError(
+            f"adapter factors of {target.path!r} are ({a.shape[-2]}, r)·(r, {b.shape[-1]}) but the "
+            f"leaf is a ({target.n_in}, {target.n_out}) matrix: the adapter was made for another "
+            "model or layout."
+        )
+    dw = entry.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    return target.layout.from_matrix(dw, target.shape)
+
+
+def delta(method: Any, params: Any, adapter: Any) -> dict[str, jax.Array]:
+    """``{path: ΔW}`` of every low-rank entry, each in the shape of the leaf it adapts.
+
+    Raises:
+      ValueError: the method is not mergeable (LorettaAdp), or the adapter does not fit.
+    """
+    _require_mergeable(method)
+    low_rank = {p: e for p, e in entries(adapter).items() if isinstance(e, (LoraFactors, TTFactors))}
+    targets = _leaf_targets(params, set(low_rank), getattr(method, "layouts", ()))
+    return {p: low_rank_delta(e, targets[p]) for p, e in low_rank.items()}
+
+
+def _require_mergeable(method: Any) -> None:
+    if not getattr(method, "mergeable", False):
+        raise ValueError(NOT_MERGEABLE.format(method=type(method).__name__))
+
+
+def _apply(method: Any, params: Any, adapter: Any, sign: float) -> Any:
+    _require_mergeable(method)
+    base = dict(named_leaves(params))
+    deltas = delta(method, params, adapter)
+    replacements = {}
+    for path, entry in entries(adapter).items():
+        w0 = base.get(path)
+        if w0 is None:
+            raise ValueError(f"the adapter names {path!r}, which is not a leaf of the params.")
+        if path in deltas:
+            summed = w0.astype(jnp.float32) + sign * deltas[path].astype(jnp.float32)
+            replacements[path] = summed.astype(w0.dtype)
+        elif isinstance(entry, Trainable):
+            replacements[path] = entry.value.astype(w0.dtype) if sign > 0 else w0
+        elif isinstance(entry, TTKernel):
+            replacements[path] = Layout.parse("in out").from_matrix(entry.matrix(), w0.shape).astype(w0.dtype)
+        elif isinstance(entry, BottleneckAdapter):  # unreachable for mergeable methods
+            raise ValueError(NOT_MERGEABLE.format(method=type(method).__name__))
+    return replace_leaves(params, replacements)
+
+
+def merge(method: Any, params: Any, adapter: Any) -> Any:
+    """The params with every adapted kernel replaced by ``W0 + ΔW`` (dtype of the base kept).
+
+    Leaves trained in full (``Trainable``) replace their base leaf. The tree structure, shapes
+    and dtypes of ``params`` are preserved, so the result loads where the base loads.
+
+    Raises:
+      ValueError: for LorettaAdp (non-linear, see ``NOT_MERGEABLE``) or an adapter made for
+        other params.
+    """
+    return _apply(method, params, adapter, +1.0)
+
+
+def unmerge(method: Any, merged: Any, adapter: Any) -> Any:
+    """Inverse of :func:`merge` on the low-rank leaves: ``W0 = W - ΔW``.
+
+    Leaves trained in full cannot be recovered from a merged tree; they are returned as found.
+    """
+    return _apply(method, merged, adapter, -1.0)

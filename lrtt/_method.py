@@ -1,0 +1,90 @@
+"""The method interface every lrtt method implements, and the helpers they share.
+
+A *method* is a frozen dataclass of hyperparameters (``LoRA``, ``LorettaRep``, ``LorettaAdp``).
+It holds no arrays and is hashable, so it can be a static argument of ``jax.jit``. Each one has:
+
+* ``init(key, params) -> adapter``: the trainable entries (see :mod:`lrtt._adapter`), keyed
+  like the params they adapt. ``params`` may be concrete arrays or ``jax.ShapeDtypeStruct``
+  leaves under ``jax.eval_shape`` (parameter counting from shapes only).
+* ``plan(params) -> tuple[Target, ...]``: the leaves it adapts (errors for a bad selection are
+  raised here, at trace time, never on traced values).
+* ``to_config() -> dict``: a JSON-able description (checkpoints compare it on restore).
+* ``mergeable``: whether ``W0 + ΔW`` is exact (LoRA, LorettaRep) or not (LorettaAdp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lrtt._adapter import Trainable
+from lrtt._paths import named_leaves
+from lrtt._targets import matches, normalize_patterns
+
+
+def to_config(method: Any) -> dict:
+    """A JSON-able dict of a method's fields plus its class name under ``"method"``."""
+
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, type) or hasattr(value, "itemsize"):  # a dtype
+            return jnp.dtype(value).name
+        return value
+
+    fields = {f.name: plain(getattr(method, f.name)) for f in dataclasses.fields(method)}
+    return {"method": type(method).__name__, **fields}
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
+def check_probability(value: Any, name: str) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be a probability in [0, 1), got {value!r}.")
+
+
+def check_choice(value: Any, name: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def check_rank(rank: int, target, name: str = "rank") -> None:
+    """A low-rank bottleneck must satisfy ``1 <= rank <= min(in, out)``."""
+    limit = min(target.n_in, target.n_out)
+    if rank > limit:
+        raise ValueError(
+            f"`{name}`={rank} is larger than min(in, out)={limit} of {target.path!r} "
+            f"(matrix ({target.n_in}, {target.n_out})): a rank above that cannot be reached by "
+            f"any product A·B. Use {name} <= {limit}, or an override for this leaf "
+            f"(e.g. rank_pattern={{{target.path!r}: {limit}}})."
+        )
+
+
+def freeze_patterns(value: Any, name: str) -> tuple[str, ...]:
+    """Normalize a regex / list / preset field for storage in a frozen, hashable dataclass."""
+    return normalize_patterns(value, name=name)
+
+
+def trainable_copies(params: Any, patterns: Sequence[str], *, exclude: set[str]) -> dict[str, Trainable]:
+    """``{path: Trainable(leaf)}`` for every leaf matching ``patterns`` and not in ``exclude``.
+
+    The copy keeps the leaf's dtype; under ``jax.eval_shape`` it is a shape only.
+    """
+    if not patterns:
+        return {}
+    out = {}
+    for path, leaf in named_leaves(params):
+        if path in exclude or not matches(path, patterns):
+            continue
+        out[path] = Trainable(jnp.array(leaf, copy=True))
+    return out
+
+
+def split_keys(key: jax.Array, n: int) -> list[jax.Array]:
+    return list(jax.random.split(key, max(n, 1)))[:n]

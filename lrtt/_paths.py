@@ -1,0 +1,76 @@
+"""Key paths: how lrtt names the leaves of any parameter pytree.
+
+A leaf is addressed by its key path with each key turned into text and joined with ``/``:
+``transformer/h/0/attn/c_attn/kernel`` for a transformers Flax GPT-2, ``layers/0/kernel`` for an
+``nnx.State`` (the trailing ``.value`` of an NNX variable is dropped, so a linen tree and the
+equivalent NNX state name their leaves alike).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+PyTree = Any
+
+
+def key_name(key: Any) -> str:
+    """The text of one key-path entry (`DictKey`, `SequenceKey`, `GetAttrKey`, …)."""
+    if isinstance(key, DictKey):
+        return str(key.key)
+    if isinstance(key, SequenceKey):
+        return str(key.idx)
+    if isinstance(key, GetAttrKey):
+        return key.name
+    if isinstance(key, FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(keypath: tuple) -> str:
+    """Join a JAX key path into lrtt's ``/``-separated leaf name.
+
+    A final ``GetAttrKey('value')`` (an NNX ``Variable``'s payload) is dropped.
+    """
+    names = [key_name(k) for k in keypath]
+    if names and isinstance(keypath[-1], GetAttrKey) and names[-1] == "value":
+        names = names[:-1]
+    return "/".join(names)
+
+
+def named_leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
+    """``[(path, leaf), ...]`` in the tree's flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(path_str(kp), leaf) for kp, leaf in flat]
+
+
+def replace_leaves(tree: PyTree, replacements: dict[str, Any]) -> PyTree:
+    """A copy of ``tree`` whose leaves named in ``replacements`` are swapped; structure kept.
+
+    Raises:
+      KeyError: a name in ``replacements`` is not a leaf of ``tree``.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [path_str(kp) for kp, _ in flat]
+    missing = set(replacements) - set(names)
+    if missing:
+        raise KeyError(
+            f"these adapter paths are not leaves of the params: {sorted(missing)[:5]}; "
+            "was the adapter made for another model?"
+        )
+    leaves = [replacements.get(name, leaf) for name, (_, leaf) in zip(names, flat)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """``{"a/b/c": x}`` → ``{"a": {"b": {"c": x}}}`` (the adapter's nested layout)."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[last] = value
+    return out

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny transformers Flax models (random init, float32) for every family."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def _gpt2():
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16)
+    return FlaxGPT2LMHeadModel(config, seed=0)
+
+
+def _llama():
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=16,
+    )
+    return FlaxLlamaForCausalLM(config, seed=0)
+
+
+def _bert():
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    config = BertConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        vocab_size=64, max_position_embeddings=16, num_labels=3,
+    )
+    return FlaxBertForSequenceClassification(config, seed=0)
+
+
+def _roberta():
+    from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
+
+    config = RobertaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        vocab_size=64, max_position_embeddings=20, num_labels=2,
+    )
+    return FlaxRobertaForSequenceClassification(config, seed=0)
+
+
+TINY_MODELS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "roberta": _roberta}
+_cache: dict = {}
+
+
+def tiny_model(family: str):
+    """A tiny transformers Flax model of ``family`` (cached per session)."""
+    if family not in _cache:
+        _cache[family] = TINY_MODELS[family]()
+    return _cache[family]
+
+
+def tiny_inputs(batch: int = 2, seq: int = 8, vocab: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, seq), dtype=np.int32)
+
+
+def model_logits(model, params, input_ids):
+    return model(input_ids, params=params).logits
+
+
+@pytest.fixture(params=["gpt2", "llama", "bert"])
+def family(request):
+    return request.param
+
+
+def perturb(tree, key, scale=0.1):
+    """Add Gaussian noise to every array leaf (makes B / zeroed cores non-zero)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)

@@ -1,0 +1,166 @@
+"""Method configs and `init`: shapes, scales, inits, validation errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrtt
+from conftest import tiny_model
+
+KEY = jax.random.key(0)
+
+
+def test_lora_shapes_and_init_distribution():
+    params = tiny_model("llama").params
+    adapter = lrtt.LoRA(rank=4, targets="qv").init(KEY, params)
+    q = adapter["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    v = adapter["model"]["layers"]["1"]["self_attn"]["v_proj"]["kernel"]
+    assert q.a.shape == (32, 4) and q.b.shape == (4, 32)
+    assert v.a.shape == (32, 4) and v.b.shape == (4, 16)  # GQA: v_proj is (32, 16)
+    assert float(jnp.abs(q.b).max()) == 0.0
+    bound = 1 / math.sqrt(32)  # kaiming_uniform(a=sqrt(5)) with fan_in = in
+    assert float(jnp.abs(q.a).max()) <= bound and float(jnp.abs(q.a).max()) > 0.5 * bound
+    assert set(lrtt.entries(adapter)) == {t.path for t in lrtt.select(params, "qv")}
+
+
+def test_lora_scales_alpha_rslora_and_patterns():
+    assert lrtt.LoRA(rank=8).scale_for("x") == 1.0  # alpha defaults to rank
+    assert lrtt.LoRA(rank=8, alpha=16).scale_for("x") == 2.0
+    assert lrtt.LoRA(rank=16, alpha=8, rslora=True).scale_for("x") == pytest.approx(2.0)
+    method = lrtt.LoRA(rank=8, alpha=16, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 4})
+    assert method.rank_for("layers/0/v_proj/kernel") == 2
+    assert method.scale_for("layers/0/v_proj/kernel") == 8.0
+    assert method.scale_for("layers/0/q_proj/kernel") == 0.5
+    adapter = method.init(KEY, tiny_model("llama").params)
+    v = adapter["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"]
+    assert v.a.shape[-1] == 2 and v.scale == 8.0
+
+
+def test_lora_rank_too_large_names_the_leaf_and_the_limit():
+    with pytest.raises(ValueError, match=r"`rank`=20 is larger than min\(in, out\)=16 of 'model/layers/0/self_attn/v_proj/kernel'"):
+        lrtt.LoRA(rank=20).init(KEY, tiny_model("llama").params)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rank=0), "`rank` must be an integer >= 1, got 0"),
+        (dict(rank=2.5), "`rank` must be an integer"),
+        (dict(dropout=1.5), "`dropout` must be a probability"),
+        (dict(rank_pattern={"q": 0}), "rank_pattern"),
+        (dict(targets=[3]), "`targets` must hold regex strings"),
+    ],
+)
+def test_lora_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lrtt.LoRA(**kwargs)
+
+
+def test_methods_are_hashable_static_configs():
+    a = lrtt.LoRA(rank=4, rank_pattern={"q": 2})
+    b = lrtt.LoRA(rank=4, rank_pattern={"q": 2})
+    assert a == b and hash(a) == hash(b)
+    assert hash(lrtt.LorettaRep(tt_shape=[[4, 8, 8], [8, 4, 8]])) is not None
+    assert hash(lrtt.LorettaAdp()) is not None
+
+
+def test_rep_shapes_auto_and_given():
+    params = tiny_model("bert").params
+    adapter = lrtt.LorettaRep(rank=4, tt_rank=3).init(KEY, params)
+    entry = adapter["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    assert math.prod(c.shape[1] for c in entry.a) == 32 * 4
+    assert math.prod(c.shape[1] for c in entry.b) == 4 * 32
+    assert entry.a[0].shape[0] == 1 and entry.a[-1].shape[-1] == 1
+    assert all(c.shape[-1] == 3 for c in entry.a[:-1])
+    assert entry.scale == 16.0 / 4
+    given = lrtt.LorettaRep(rank=4, tt_rank=2, tt_shape=[8, 16]).init(KEY, params)
+    entry = given["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["value"]["kernel"]
+    assert [c.shape for c in entry.a] == [(1, 8, 2), (2, 16, 1)]
+
+
+def test_rep_tt_shape_product_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"product 96 .* \(32, 4\) matrix .* 128 entries"):
+        lrtt.LorettaRep(rank=4, tt_shape=[8, 12]).init(KEY, tiny_model("bert").params)
+
+
+def test_rep_bad_options():
+    with pytest.raises(ValueError, match="`initializer` must be one of"):
+        lrtt.LorettaRep(initializer="xavier")
+    with pytest.raises(ValueError, match="`tt_rank` must be an integer >= 1, got 0"):
+        lrtt.LorettaRep(tt_rank=0)
+
+
+def test_rep_zero_delta_zeros_only_the_last_core_of_b():
+    params = tiny_model("gpt2").params
+    entry = lrtt.entries(lrtt.LorettaRep(rank=4).init(KEY, params))["transformer/h/0/attn/c_attn/kernel"]
+    assert float(jnp.abs(entry.b[-1]).max()) == 0.0
+    assert all(float(jnp.abs(c).max()) > 0 for c in entry.a + entry.b[:-1])
+    gauss = lrtt.entries(lrtt.LorettaRep(rank=4, initializer="gaussian").init(KEY, params))
+    assert float(jnp.abs(gauss["transformer/h/0/attn/c_attn/kernel"].b[-1]).max()) > 0
+
+
+def test_rep_zero_delta_last_core_gets_a_gradient_at_step_zero():
+    params = {"dense": {"kernel": jax.random.normal(KEY, (16, 24))}}
+    method = lrtt.LorettaRep(rank=4, tt_rank=2, targets="dense")
+    adapter = method.init(KEY, params)
+    x = jax.random.normal(jax.random.key(1), (5, 16))
+
+    def loss(adapter):
+        w = lrtt.merge(method, params, adapter)["dense"]["kernel"]
+        return jnp.sum(jnp.sin(x @ w))
+
+    grads = lrtt.entries(jax.grad(loss)(adapter))["dense/kernel"]
+    assert float(jnp.abs(grads.b[-1]).max()) > 0
+
+
+def test_adp_entries_identity_and_features():
+    params = tiny_model("llama").params
+    method = lrtt.LorettaAdp(bottleneck=8, tt_rank=2, tt_shape=None)
+    entries = lrtt.entries(method.init(KEY, params))
+    down = entries["model/layers/0/mlp/down_proj/kernel"]
+    gate = entries["model/layers/0/mlp/gate_proj/kernel"]
+    assert down.position == "after" and down.features == 32  # out of down_proj
+    assert gate.position == "before" and gate.features == 32  # in of gate_proj
+    h = jax.random.normal(KEY, (3, 32))
+    np.testing.assert_array_equal(down(h), jnp.zeros_like(h))  # identity init: f = 0
+    assert "model/norm/weight" in entries and "model/layers/1/input_layernorm/weight" in entries
+    gauss = lrtt.entries(lrtt.LorettaAdp(bottleneck=8, tt_rank=2, tt_shape=None, initializer="gaussian").init(KEY, params))
+    assert float(jnp.abs(gauss["model/layers/0/mlp/down_proj/kernel"](h)).max()) > 0
+
+
+def test_adp_classifier_and_head_on_bert():
+    params = tiny_model("bert").params
+    method = lrtt.LorettaAdp(bottleneck=8, tt_rank=2, tt_shape=None, tensorized_classifier=True, train_head=True)
+    entries = lrtt.entries(method.init(KEY, params))
+    assert isinstance(entries["bert/pooler/dense/kernel"], lrtt.TTKernel)
+    assert entries["bert/pooler/dense/kernel"].matrix().shape == (32, 32)
+    for path in ("bert/pooler/dense/bias", "classifier/kernel", "classifier/bias"):
+        assert isinstance(entries[path], lrtt.Trainable)
+    with pytest.raises(ValueError, match="tensorized_classifier"):
+        method.init(KEY, tiny_model("llama").params)
+
+
+def test_adp_errors():
+    params = tiny_model("bert").params
+    with pytest.raises(ValueError, match="`bottleneck`=64 is larger than the 32 features"):
+        lrtt.LorettaAdp(tt_shape=None).init(KEY, params)
+    with pytest.raises(ValueError, match="`activation` must be one of"):
+        lrtt.LorettaAdp(activation="swish2")
+    with pytest.raises(ValueError, match="matched no leaf"):
+        lrtt.LorettaAdp(after="nothing_here", before=None, bottleneck=4).init(KEY, params)
+    with pytest.raises(ValueError, match="both match"):
+        lrtt.LorettaAdp(after="output/dense/kernel", before="output/dense/kernel", bottleneck=4).init(KEY, params)
+    with pytest.raises(ValueError, match="1-D leaf .* is not a kernel .* 'kernel\\$'"):
+        lrtt.LorettaAdp(after="output/dense", before=None, bottleneck=4).init(KEY, params)
+
+
+def test_configs_are_json_able():
+    import json
+
+    for method in (lrtt.LoRA(rank_pattern={"q": 2}), lrtt.LorettaRep(tt_shape=[4, 8]), lrtt.LorettaAdp()):
+        config = json.loads(json.dumps(method.to_config()))
+        assert config["method"] == type(method).__name__
+        assert config["param_dtype"] == "float32"

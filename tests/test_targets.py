@@ -1,0 +1,107 @@
+"""Target selection: presets per family, layouts, stacked leaves, and the errors."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrtt
+from lrtt._targets import Layout, detect_family, select
+from conftest import tiny_model
+
+EXPECTED = {
+    # family: {preset: leaf names (without the layer prefix) selected in each layer}
+    "gpt2": {
+        "qv": {"attn/c_attn/kernel"},
+        "attention": {"attn/c_attn/kernel", "attn/c_proj/kernel"},
+        "all-linear": {"attn/c_attn/kernel", "attn/c_proj/kernel", "mlp/c_fc/kernel", "mlp/c_proj/kernel"},
+    },
+    "llama": {
+        "qv": {"self_attn/q_proj/kernel", "self_attn/v_proj/kernel"},
+        "attention": {f"self_attn/{n}_proj/kernel" for n in "qkvo"},
+        "all-linear": {f"self_attn/{n}_proj/kernel" for n in "qkvo"}
+        | {f"mlp/{n}_proj/kernel" for n in ("gate", "up", "down")},
+    },
+    "bert": {
+        "qv": {"attention/self/query/kernel", "attention/self/value/kernel"},
+        "attention": {f"attention/self/{n}/kernel" for n in ("query", "key", "value")}
+        | {"attention/output/dense/kernel"},
+        "all-linear": {f"attention/self/{n}/kernel" for n in ("query", "key", "value")}
+        | {"attention/output/dense/kernel", "intermediate/dense/kernel", "output/dense/kernel"},
+    },
+}
+LAYER_PREFIX = {"gpt2": "transformer/h/{}/", "llama": "model/layers/{}/", "bert": "bert/encoder/layer/{}/"}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "roberta"])
+@pytest.mark.parametrize("preset", ["qv", "attention", "all-linear"])
+def test_presets_select_the_expected_leaves(family, preset):
+    params = tiny_model(family).params
+    base = "bert" if family == "roberta" else family
+    prefix = LAYER_PREFIX[base].replace("bert/", "roberta/") if family == "roberta" else LAYER_PREFIX[base]
+    expected = {prefix.format(i) + name for i in range(2) for name in EXPECTED[base][preset]}
+    assert {t.path for t in select(params, preset)} == expected
+
+
+def test_family_detection():
+    assert detect_family([t for t in ["transformer/h/0/attn/c_attn/kernel"]]) == "gpt2"
+    assert detect_family(["model/layers/3/self_attn/q_proj/kernel"]) == "llama"
+    assert detect_family(["roberta/encoder/layer/0/attention/self/query/kernel"]) == "bert"
+    assert detect_family(["dense/kernel"]) is None
+
+
+def test_gpt2_conv1d_is_read_out_in():
+    params = tiny_model("gpt2").params
+    (target,) = [t for t in select(params, "qv") if "/0/" in t.path]
+    assert str(target.layout) == "out in"
+    assert (target.n_in, target.n_out) == (32, 96)  # stored (96, 32): (out, in)
+
+
+def test_layout_parse_and_matrix_round_trip():
+    layout = Layout.parse("layer in out out")
+    w = jnp.arange(2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 3, 4, 5)
+    m = layout.to_matrix(w)
+    assert m.shape == (2, 3, 20)
+    np.testing.assert_array_equal(layout.from_matrix(m, w.shape), w)
+    conv = Layout.parse("out in")
+    w2 = jnp.arange(12.0).reshape(3, 4)  # (out=3, in=4)
+    np.testing.assert_array_equal(conv.to_matrix(w2), w2.T)
+    np.testing.assert_array_equal(conv.from_matrix(w2.T, w2.shape), w2)
+
+
+@pytest.mark.parametrize("spec", ["in", "in layer out", "in out in", "x y", "out out"])
+def test_bad_layouts_are_refused(spec):
+    with pytest.raises(ValueError, match="invalid layout"):
+        Layout.parse(spec)
+
+
+def test_no_match_lists_existing_paths():
+    params = tiny_model("llama").params
+    with pytest.raises(ValueError, match=r"matched no leaf(.|\n)*model/layers/0/"):
+        lrtt.LoRA(targets="c_attn").init(None, params)
+
+
+def test_bad_regex_is_refused():
+    with pytest.raises(ValueError, match="not a valid regex"):
+        lrtt.LoRA(targets="q_proj(")
+
+
+def test_stacked_leaf_needs_a_layout_then_gets_stacked_factors():
+    params = {"layers": {"dense": {"kernel": jnp.ones((3, 8, 16))}}}
+    with pytest.raises(ValueError, match="not 2-D.*layer in out"):
+        lrtt.LoRA(rank=2, targets="dense").plan(params)
+    with pytest.raises(ValueError, match="layout 'in out' has 2 axes"):
+        lrtt.LoRA(rank=2, targets="dense", layouts={"dense": "in out"}).plan(params)
+    import jax
+
+    adapter = lrtt.LoRA(rank=2, targets="dense", layouts={"dense": "layer in out"}).init(jax.random.key(0), params)
+    entry = adapter["layers"]["dense"]["kernel"]
+    assert entry.a.shape == (3, 8, 2) and entry.b.shape == (3, 2, 16)
+
+
+def test_dense_general_layout_flattens_the_out_group():
+    import jax
+
+    params = {"attn": {"query": {"kernel": jnp.ones((16, 4, 8))}}}
+    method = lrtt.LoRA(rank=4, targets="query", layouts={"query": "in out out"})
+    entry = method.init(jax.random.key(0), params)["attn"]["query"]["kernel"]
+    assert entry.a.shape == (16, 4) and entry.b.shape == (4, 32)
