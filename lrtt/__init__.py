@@ -8,12 +8,6 @@ Methods are frozen dataclasses; everything else is a pure function over pytrees:
 """
 
 from lrtt import _tt as tt
-from lrtt._adapted import (
-    AdaptedLeaf as AdaptedLeaf,
-    AdapterLeaf as AdapterLeaf,
-    LowRankLeaf as LowRankLeaf,
-    wrap as wrap,
-)
 from lrtt._adapter import (
     BottleneckAdapter as BottleneckAdapter,
     LoraFactors as LoraFactors,
@@ -28,27 +22,15 @@ from lrtt._count import (
     parameter_table as parameter_table,
     print_trainable_parameters as print_trainable_parameters,
 )
-from lrtt._factored import factored as factored
 from lrtt._lora import LoRA as LoRA
 from lrtt._loretta_adp import LorettaAdp as LorettaAdp
 from lrtt._loretta_rep import LorettaRep as LorettaRep
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
-from lrtt._peft import load_peft as load_peft, save_peft as save_peft
 from lrtt._targets import Layout as Layout, TARGET_PRESETS as TARGET_PRESETS, select as select
-from lrtt import _optim as optim
-from lrtt import _train as train
-from lrtt._checkpoint import CheckpointManager as CheckpointManager
-from lrtt._export import export_merged as export_merged, load_merged as load_merged
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointManager",
-    "AdaptedLeaf",
-    "AdapterLeaf",
-    "LowRankLeaf",
-    "factored",
-    "wrap",
     "BottleneckAdapter",
     "Layout",
     "LoRA",
@@ -62,17 +44,11 @@ __all__ = [
     "adapter_shapes",
     "delta",
     "entries",
-    "export_merged",
-    "load_peft",
-    "load_merged",
     "merge",
     "num_params",
-    "optim",
     "parameter_table",
     "print_trainable_parameters",
-    "save_peft",
     "select",
-    "train",
     "tt",
     "unmerge",
 ]
