@@ -1,0 +1,298 @@
+"""Read a llama-architecture GGUF file into HF Flax Llama params, config and tokenizer.
+
+GGUF (llama.cpp's format) stores each weight as ``(out, in)`` — PyTorch's orientation — possibly
+quantized, with q/k rows permuted for llama.cpp's rotary layout, the config as ``llama.*``
+metadata and the tokenizer as vocab + merges lists. :func:`read_gguf_llama` undoes all of that:
+dequantizes to float32, un-permutes q/k (:func:`unpermute_rotary`), transposes to Flax's
+``(in, out)`` Dense kernels, names the leaves as ``FlaxLlamaForCausalLM`` does (``/``-joined) and
+rebuilds a byte-level BPE ``tokenizers`` tokenizer (:func:`tokenizer_from_gguf`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+_MISSING_GGUF = (
+    "Reading GGUF files needs the `gguf` package: `pip install 'lrtt[models]'` "
+    "(or `pip install gguf`)."
+)
+
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) whose regex is GPT-2's with every digit
+# split off first (`\p{N}` before the GPT-2 pattern in llama-vocab.cpp).
+_DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
+# ... and those that use GPT-2's regex alone.
+_GPT2_PRE = frozenset({"gpt2", "default", "mpt", "olmo", "jais"})
+
+_UNSUPPORTED_PRE = (
+    "`tokenizer.ggml.pre` is {pre!r}; the byte-level BPE rebuild supports GPT-2's split {gpt2} "
+    "and GPT-2's split after single digits {digits}. A pre-tokenizer with another regex would "
+    "tokenize differently from llama.cpp; add its split here before converting this model."
+)
+
+# GGUF tensor name (after `blk.N.`) -> (Flax name under `model/layers/N/`, rotary heads key).
+_LAYER_TENSORS = {
+    "attn_q.weight": ("self_attn/q_proj/kernel", "n_heads"),
+    "attn_k.weight": ("self_attn/k_proj/kernel", "n_kv_heads"),
+    "attn_v.weight": ("self_attn/v_proj/kernel", None),
+    "attn_output.weight": ("self_attn/o_proj/kernel", None),
+    "ffn_gate.weight": ("mlp/gate_proj/kernel", None),
+    "ffn_up.weight": ("mlp/up_proj/kernel", None),
+    "ffn_down.weight": ("mlp/down_proj/kernel", None),
+    "attn_norm.weight": ("input_layernorm/weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm/weight", None),
+}
+
+
+def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``).
+
+    HF Llama rotates the pair ``(x[i], x[i + d/2])`` of each head of size ``d``; llama.cpp rotates
+    adjacent rows ``(x[2i], x[2i + 1])``. Its converter therefore reorders the rows of q (and k,
+    with the KV head count) within each head so that row ``i`` and row ``i + d/2`` become
+    neighbours::
+
+        w.reshape(n_heads, 2, d // 2, in).swapaxes(1, 2).reshape(n_heads * d, in)
+
+    Args:
+      w: ``(n_heads * d, ...)`` weight in PyTorch ``(out, in)`` orientation (or a bias).
+      n_heads: heads that ``w``'s rows split into (``n_kv_heads`` for k).
+
+    Returns:
+      The permuted array, same shape and dtype. :func:`unpermute_rotary` is its inverse.
+    """
+    out = w.shape[0]
+    if out % (2 * n_heads):
+        raise ValueError(f"`w` has {out} rows, not a multiple of 2 * n_heads = {2 * n_heads}.")
+    return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of :func:`permute_rotary`: llama.cpp's q/k row order back to HF's.
+
+    Within each head the rows come as pairs ``(r0, r_{d/2}), (r1, r_{d/2+1}), …``; reading them
+    as ``(d/2, 2)`` and transposing to ``(2, d/2)`` restores ``r0 … r_{d-1}``::
+
+        w.reshape(n_heads, d // 2, 2, in).swapaxes(1, 2).reshape(n_heads * d, in)
+
+    Skipping it for both q and k leaves q·k intact but rotates the wrong pairs (SmolLM2:
+    perplexity 57 instead of 8.4); skipping it for k only gives thousands.
+
+    Args:
+      w: ``(n_heads * d, ...)`` permuted weight in ``(out, in)`` orientation.
+      n_heads: heads that ``w``'s rows split into (``n_kv_heads`` for k).
+
+    Returns:
+      The un-permuted array, same shape and dtype.
+
+    Examples:
+      >>> import numpy as np
+      >>> w = np.arange(8 * 3).reshape(8, 3)
+      >>> bool((unpermute_rotary(permute_rotary(w, 2), 2) == w).all())
+      True
+    """
+    out = w.shape[0]
+    if out % (2 * n_heads):
+        raise ValueError(f"`w` has {out} rows, not a multiple of 2 * n_heads = {2 * n_heads}.")
+    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def tokenizer_from_gguf(reader) -> str:
+    """Rebuild the ``tokenizers`` JSON of a GGUF's byte-level BPE (``tokenizer.ggml.model == 'gpt2'``).
+
+    Vocab ids are the positions in ``tokenizer.ggml.tokens``; merges come from
+    ``tokenizer.ggml.merges`` (``"a b"`` strings, ranked by position); tokens typed CONTROL become
+    special added tokens and USER_DEFINED ones plain added tokens (both keep their ids, and are
+    matched whole before BPE, e.g. ``<|im_start|>`` → one id). The pre-tokenizer follows
+    ``tokenizer.ggml.pre`` (GPT-2's regex, after splitting single digits for SmolLM/StarCoder);
+    ``add_bos_token`` / ``add_eos_token`` become a template post-processor.
+
+    Args:
+      reader: a ``gguf.GGUFReader``.
+
+    Returns:
+      The tokenizer as a JSON string (``tokenizers.Tokenizer.from_str`` reads it).
+
+    Raises:
+      ValueError: the GGUF's tokenizer is not byte-level BPE, or has an unknown pre-tokenizer.
+    """
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"`tokenizer.ggml.model` is {kind!r}; only byte-level BPE ('gpt2', as GPT-2, Llama 3 "
+            "and SmolLM use) is rebuilt. A SentencePiece ('llama') vocab needs another converter."
+        )
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in _DIGIT_SPLIT_PRE | _GPT2_PRE:
+        raise ValueError(_UNSUPPORTED_PRE.format(pre=pre, gpt2=sorted(_GPT2_PRE), digits=sorted(_DIGIT_SPLIT_PRE)))
+
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens)))
+    merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("`tokenizer.ggml.tokens` holds duplicate tokens; ids would be ambiguous.")
+    if any(len(m) != 2 for m in merges):
+        raise ValueError("`tokenizer.ggml.merges` holds an entry that is not two space-separated tokens.")
+
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(_field(reader, "tokenizer.ggml.add_space_prefix", False)), use_regex=True
+    )
+    if pre in _DIGIT_SPLIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+
+    control, user = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == control])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == user])
+
+    post = [processors.ByteLevel(trim_offsets=False)]
+    bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        head = [tokens[bos]] if add_bos else []
+        tail = [tokens[eos]] if add_eos else []
+        specials = sorted({(tokens[i], i) for i in ([bos] if add_bos else []) + ([eos] if add_eos else [])})
+        post.append(
+            processors.TemplateProcessing(
+                single=head + ["$A"] + tail, pair=head + ["$A"] + tail + head + ["$B"] + tail, special_tokens=specials
+            )
+        )
+    tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
+    return tok.to_str()
+
+
+def _config_from_gguf(reader, n_vocab: int) -> dict[str, Any]:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"`general.architecture` is {arch!r}; only 'llama' GGUF files are converted.")
+
+    def get(key, default=None):
+        value = _field(reader, f"llama.{key}", default)
+        if value is None:
+            raise ValueError(f"the GGUF lacks `llama.{key}`, needed for the Llama config.")
+        return value
+
+    hidden, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = hidden // n_heads
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    key_len = int(get("attention.key_length", head_dim))
+    if rope_dim != head_dim or key_len != head_dim:
+        raise ValueError(
+            f"head size {key_len} / rotary dims {rope_dim} differ from hidden / heads = {head_dim}; "
+            "FlaxLlama supports only full rotary on heads of size hidden / heads."
+        )
+    scaling = _field(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"`llama.rope.scaling.type` is {scaling!r}; FlaxLlama supports no rope scaling.")
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(get("vocab_size", n_vocab)),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length")),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,  # FlaxLlama has no tying: lm_head is a copy of the embedding
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+
+
+def _tensor_f32(tensor) -> np.ndarray:
+    import gguf
+
+    data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    # GGUF lists dims fastest-first (ne0 = in); numpy's row-major shape is the reverse: (out, in).
+    return np.asarray(data, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+
+
+def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """Convert a llama-architecture GGUF file to FlaxLlama params, config and tokenizer.
+
+    Every tensor is dequantized to float32. PyTorch/GGUF ``(out, in)`` weights become Flax
+    ``(in, out)`` kernels: ``kernel = W.T``; q and k first go through :func:`unpermute_rotary`
+    (with the query and the KV head count). A missing ``output.weight`` means tied embeddings:
+    ``lm_head/kernel = embed_tokens/embedding.T``, copied since FlaxLlama does not tie.
+
+    Args:
+      path: the ``.gguf`` file.
+
+    Returns:
+      ``(config, params, tokenizer_json)``: ``config`` the kwargs of a ``transformers.LlamaConfig``;
+      ``params`` flat ``{'/'-joined FlaxLlamaForCausalLM path: float32 array}``, e.g.
+      ``model/layers/0/self_attn/q_proj/kernel: (hidden, n_heads * head_dim)``;
+      ``tokenizer_json`` from :func:`tokenizer_from_gguf`.
+
+    Raises:
+      ValueError: not a llama GGUF, a feature FlaxLlama cannot express, or an unknown tensor.
+      ImportError: ``gguf`` is not installed.
+    """
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(_MISSING_GGUF) from e
+
+    reader = gguf.GGUFReader(os.fspath(path))
+    tokenizer_json = tokenizer_from_gguf(reader)
+    config = _config_from_gguf(reader, len(reader.fields["tokenizer.ggml.tokens"].data))
+    heads = {"n_heads": config["num_attention_heads"], "n_kv_heads": config["num_key_value_heads"]}
+
+    params: dict[str, np.ndarray] = {}
+    unknown = []
+    for tensor in reader.tensors:
+        name = tensor.name
+        block = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+        if name == "token_embd.weight":
+            params["model/embed_tokens/embedding"] = _tensor_f32(tensor)
+        elif name == "output_norm.weight":
+            params["model/norm/weight"] = _tensor_f32(tensor)
+        elif name == "output.weight":
+            params["lm_head/kernel"] = np.ascontiguousarray(_tensor_f32(tensor).T)
+        elif block and block.group(2) in _LAYER_TENSORS:
+            flax_name, rotary = _LAYER_TENSORS[block.group(2)]
+            w = _tensor_f32(tensor)
+            if rotary is not None:
+                w = unpermute_rotary(w, heads[rotary])
+            if w.ndim == 2:
+                w = np.ascontiguousarray(w.T)
+            params[f"model/layers/{int(block.group(1))}/{flax_name}"] = w
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(
+            f"the GGUF holds tensors FlaxLlama has no place for: {unknown[:5]}"
+            f"{' …' if len(unknown) > 5 else ''} (biases, rope_freqs or another architecture)."
+        )
+    if "lm_head/kernel" not in params:
+        params["lm_head/kernel"] = np.ascontiguousarray(params["model/embed_tokens/embedding"].T)
+    n_rows = params["model/embed_tokens/embedding"].shape[0]
+    if n_rows != config["vocab_size"]:
+        raise ValueError(f"`llama.vocab_size` is {config['vocab_size']} but token_embd has {n_rows} rows.")
+    return config, params, tokenizer_json
