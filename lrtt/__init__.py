@@ -3,11 +3,18 @@
 Methods are frozen dataclasses; everything else is a pure function over pytrees::
 
     method = lrtt.LoRA(rank=8, targets="qv")
-    adapter = method.init(key, params)           # only the new, trainable leaves
+    adapter = method.init(key, params)            # only the new, trainable leaves
     merged = lrtt.merge(method, params, adapter)  # W0 + (alpha/r)·A·B, exact
+    out = lrtt.factored(apply)(lrtt.wrap(method, params, adapter), x)  # x·W0 + s·(x·A)·B
 """
 
 from lrtt import _tt as tt
+from lrtt._adapted import (
+    AdaptedLeaf as AdaptedLeaf,
+    AdapterLeaf as AdapterLeaf,
+    LowRankLeaf as LowRankLeaf,
+    wrap as wrap,
+)
 from lrtt._adapter import (
     BottleneckAdapter as BottleneckAdapter,
     LoraFactors as LoraFactors,
@@ -22,6 +29,7 @@ from lrtt._count import (
     parameter_table as parameter_table,
     print_trainable_parameters as print_trainable_parameters,
 )
+from lrtt._factored import factored as factored
 from lrtt._lora import LoRA as LoRA
 from lrtt._loretta_adp import LorettaAdp as LorettaAdp
 from lrtt._loretta_rep import LorettaRep as LorettaRep
@@ -31,12 +39,15 @@ from lrtt._targets import Layout as Layout, TARGET_PRESETS as TARGET_PRESETS, se
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptedLeaf",
+    "AdapterLeaf",
     "BottleneckAdapter",
     "Layout",
     "LoRA",
     "LoraFactors",
     "LorettaAdp",
     "LorettaRep",
+    "LowRankLeaf",
     "TARGET_PRESETS",
     "TTFactors",
     "TTKernel",
@@ -44,6 +55,7 @@ __all__ = [
     "adapter_shapes",
     "delta",
     "entries",
+    "factored",
     "merge",
     "num_params",
     "parameter_table",
@@ -51,4 +63,5 @@ __all__ = [
     "select",
     "tt",
     "unmerge",
+    "wrap",
 ]

@@ -1,0 +1,560 @@
+"""Factored execution: run any JAX function on adapted leaves without forming ``W0 + ΔW``.
+
+:func:`factored` traces the function with dense placeholders (``jax.make_jaxpr``) and evaluates
+the jaxpr with an interpreter in which each adapted leaf stays symbolic (a
+:class:`lrtt._adapted.View`). The rules of :data:`RULES`, one per primitive name, carry a view
+through the structural primitives models apply to their kernels and rewrite each
+``dot_general`` that consumes one:
+
+.. math::
+
+    x W \\;\\to\\; x W_0 + s\\,(x A) B \\quad\\text{(LoRA, LoRETTA_rep)}, \\qquad
+    x W \\;\\to\\; x W_0 + f(x W_0 + b_0) \\;\\text{or}\\; (x + f(x)) W_0 \\quad\\text{(LoRETTA_adp)}.
+
+Every other primitive that receives an adapted value raises :data:`UNSUPPORTED` (or, with
+``materialize=True``, gets the dense ``W0 + ΔW`` there, on purpose). Primitives that receive
+no adapted value are bound unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from lrtt._adapted import IN, OUT, STACK, AdaptedLeaf, View
+from lrtt._lowrank import DotPlan, adapter_after, adapter_before, low_rank_branch
+
+UNSUPPORTED = (
+    "lrtt.factored: {where} received the adapted leaf {path!r} (dense shape "
+    "{shape}, {dtype}){reason}. Factored execution keeps W0 and the adapter apart; it passes an "
+    "adapted kernel through {passes} and applies it at `dot_general`. Anything else would need "
+    "the dense weight W0 + ΔW. To form it at this point on purpose (with its dense gradient), "
+    "call lrtt.factored(fn, materialize=True); or leave this leaf out of the method's targets."
+)
+PASSES = (
+    "convert_element_type, copy, transpose, reshape/squeeze that keep the in, out and stack axes "
+    "apart, slicing/indexing along stack axes, jit, scan over stacked layers, checkpoint/remat "
+    "and cond,"
+)
+
+
+def _is_adapted(x: Any) -> bool:
+    return isinstance(x, AdaptedLeaf)
+
+
+def _open(jaxpr) -> tuple[jcore.Jaxpr, tuple]:
+    if isinstance(jaxpr, jcore.ClosedJaxpr):
+        return jaxpr.jaxpr, tuple(jaxpr.consts)
+    return jaxpr, ()
+
+
+def _bind(eqn, invals: list) -> list:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = []
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if ctx is not None:
+        with ctx:
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _flatten(values: list, *, unstack: bool = False):
+    """Views and arrays → a flat list of arrays and a function that rebuilds them."""
+    flat, rebuilders = [], []
+    for value in values:
+        if isinstance(value, View):
+            arrays, rebuild = value.flatten(unstack=unstack)
+            rebuilders.append((len(arrays), rebuild))
+            flat.extend(arrays)
+        else:
+            rebuilders.append((1, None))
+            flat.append(value)
+
+    def unflatten(flat):
+        out, i = [], 0
+        for n, rebuild in rebuilders:
+            out.append(flat[i] if rebuild is None else rebuild(list(flat[i:i + n])))
+            i += n
+        return out
+
+    return flat, unflatten
+
+
+class _Interpreter:
+    """Evaluates a jaxpr whose inputs may be views; one instance per call of a factored fn."""
+
+    def __init__(self, materialize: bool):
+        self.materialize = materialize
+        self.uses: collections.Counter = collections.Counter()
+
+    def eval(self, jaxpr: jcore.Jaxpr, consts, args) -> list:
+        env: dict = {}
+
+        def read(v):
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        for var, val in zip(jaxpr.constvars, consts):
+            env[var] = val
+        for var, val in zip(jaxpr.invars, args):
+            env[var] = val
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            if any(isinstance(v, View) for v in invals):
+                rule = RULES.get(eqn.primitive.name)
+                outs = rule(self, eqn, invals) if rule is not None else self.unsupported(eqn, invals)
+            else:
+                outs = _bind(eqn, invals)
+            for var, val in zip(eqn.outvars, outs):
+                env[var] = val
+        return [read(v) for v in jaxpr.outvars]
+
+    def unsupported(self, eqn, invals: list, reason: str = "") -> list:
+        """Densify the views of ``invals`` and bind (materialize=True), or raise."""
+        if not self.materialize:
+            view = next(v for v in invals if isinstance(v, View))
+            raise ValueError(UNSUPPORTED.format(
+                where=f"the primitive `{eqn.primitive.name}`", path=view.meta.path, shape=tuple(view.w0.shape),
+                dtype=view.w0.dtype, reason=reason, passes=PASSES))
+        return _bind(eqn, [v.dense() if isinstance(v, View) else v for v in invals])
+
+    def outputs(self, values: list, where: str) -> list:
+        """Values leaving a function body: views are densified (materialize=True) or an error."""
+        out = []
+        for value in values:
+            if isinstance(value, View):
+                if not self.materialize:
+                    raise ValueError(UNSUPPORTED.format(
+                        where=where, path=value.meta.path, shape=tuple(value.w0.shape),
+                        dtype=value.w0.dtype, reason=" as an output", passes=PASSES))
+                value = value.dense()
+            out.append(value)
+        return out
+
+    def use(self, path: str) -> int:
+        """A counter per leaf, folded into its dropout key so two uses draw two masks."""
+        self.uses[path] += 1
+        return self.uses[path] - 1
+
+
+# --- structural rules ----------------------------------------------------------------------------
+def _on_w0(ctx, eqn, invals):
+    """The primitive applied to W0 alone (dtype conversion, a sharding constraint)."""
+    (view,) = invals
+    return [view.with_w0(_bind(eqn, [view.w0])[0])]
+
+
+def _identity(ctx, eqn, invals):
+    return [invals[0]]
+
+
+def _stop_gradient(ctx, eqn, invals):
+    (view,) = invals
+    arrays, rebuild = view.flatten()
+    return [rebuild([lax.stop_gradient(a) for a in arrays])]
+
+
+def _transpose(ctx, eqn, invals):
+    (view,) = invals
+    return [view.transpose(_bind(eqn, [view.w0])[0], tuple(eqn.params["permutation"]))]
+
+
+def _reshape_kinds(kinds, old, new) -> tuple[str, ...] | None:
+    """Kinds of the axes of ``new``, or None when the reshape mixes the groups."""
+    out, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        seg_old, seg_new, p_old, p_new = [], [], 1, 1
+        if i < len(old):
+            seg_old.append(i)
+            p_old *= old[i]
+            i += 1
+        if j < len(new):
+            seg_new.append(j)
+            p_new *= new[j]
+            j += 1
+        while p_old != p_new:
+            if p_old < p_new and i < len(old):
+                seg_old.append(i)
+                p_old *= old[i]
+                i += 1
+            elif j < len(new):
+                seg_new.append(j)
+                p_new *= new[j]
+                j += 1
+            else:
+                return None
+        found = {kinds[k] for k in seg_old if old[k] != 1} or {kinds[k] for k in seg_old}
+        if len(found) > 1:
+            return None
+        kind = found.pop() if found else (out[-1] if out else None)
+        out.extend([kind] * len(seg_new))
+    if None in out:  # new unit axes before any other: take the kind of the first known axis
+        first = next((k for k in out if k is not None), STACK)
+        out = [first if k is None else k for k in out]
+    return tuple(out)
+
+
+def _reshape(ctx, eqn, invals):
+    view = invals[0]
+    if len(invals) > 1 or eqn.params.get("dimensions") is not None:
+        return ctx.unsupported(eqn, invals, " in a reshape with dynamic shape or dimensions")
+    new = tuple(eqn.params["new_sizes"])
+    kinds = _reshape_kinds(view.kinds, tuple(view.w0.shape), new)
+    if kinds is None:
+        return ctx.unsupported(eqn, invals, (
+            f" in a reshape {tuple(view.w0.shape)} -> {new} that mixes its in, out and stack axes "
+            f"(axes are {view.kinds}; s = stack, i = in, o = out)"))
+    return [view.relayout(_bind(eqn, [view.w0])[0], kinds)]
+
+
+def _squeeze(ctx, eqn, invals):
+    (view,) = invals
+    dims = {d % view.w0.ndim for d in eqn.params["dimensions"]}
+    kinds = tuple(k for a, k in enumerate(view.kinds) if a not in dims)
+    if set(kinds) >= {IN, OUT}:
+        return [view.relayout(_bind(eqn, [view.w0])[0], kinds)]
+    return ctx.unsupported(eqn, invals, " in a squeeze that removes its whole in or out group")
+
+
+def _stack_only(view, starts_full) -> str | None:
+    """None when every non-stack axis is taken whole, else a reason."""
+    for axis, full in enumerate(starts_full):
+        if view.kinds[axis] != STACK and not full:
+            return f" sliced along a non-stack axis {axis} (axes are {view.kinds}); only stack axes can be sliced"
+    return None
+
+
+def _slice(ctx, eqn, invals):
+    (view,) = invals
+    p = eqn.params
+    shape = view.w0.shape
+    strides = p["strides"] or (1,) * len(shape)
+    full = [s == 0 and e == n and st == 1 for s, e, st, n in zip(p["start_indices"], p["limit_indices"], strides, shape)]
+    reason = _stack_only(view, full)
+    if reason:
+        return ctx.unsupported(eqn, invals, reason)
+    stack = view.axes(STACK)
+
+    def cut(part):
+        starts = [p["start_indices"][a] for a in stack] + [0] * (part.ndim - len(stack))
+        limits = [p["limit_indices"][a] for a in stack] + list(part.shape[len(stack):])
+        steps = [strides[a] for a in stack] + [1] * (part.ndim - len(stack))
+        return lax.slice(part, starts, limits, steps)
+
+    return [view.map_stack(_bind(eqn, [view.w0])[0], view.kinds, cut)]
+
+
+def _dynamic_slice(ctx, eqn, invals):
+    view, *index = invals
+    if any(isinstance(v, View) for v in index):
+        return ctx.unsupported(eqn, invals, " as a slice index")
+    sizes = eqn.params["slice_sizes"]
+    reason = _stack_only(view, [s == n for s, n in zip(sizes, view.w0.shape)])
+    if reason:
+        return ctx.unsupported(eqn, invals, reason)
+    stack = view.axes(STACK)
+
+    def cut(part):
+        starts = [index[a] for a in stack] + [0] * (part.ndim - len(stack))
+        return lax.dynamic_slice(part, starts, [sizes[a] for a in stack] + list(part.shape[len(stack):]))
+
+    return [view.map_stack(_bind(eqn, [view.w0] + index)[0], view.kinds, cut)]
+
+
+def _gather(ctx, eqn, invals):
+    view, indices = invals
+    if isinstance(indices, View):
+        return ctx.unsupported(eqn, invals, " as gather indices")
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    sizes = p["slice_sizes"]
+    stack = view.axes(STACK)
+    ok = not dn.operand_batching_dims and all(
+        a in stack or (sizes[a] == view.w0.shape[a] and a not in dn.start_index_map) for a in range(view.w0.ndim))
+    if not ok:
+        return ctx.unsupported(eqn, invals, " gathered along a non-stack axis; only stack axes can be indexed")
+    w0 = _bind(eqn, [view.w0, indices])[0]
+    kept = [a for a in range(view.w0.ndim) if a not in dn.collapsed_slice_dims]
+    kinds = [STACK] * w0.ndim
+    for pos, axis in zip(dn.offset_dims, kept):
+        kinds[pos] = view.kinds[axis]
+    new_stack = [pos for pos, k in enumerate(kinds) if k == STACK]
+    offset_of = dict(zip(kept, dn.offset_dims))
+
+    def cut(part):
+        n_s = len(stack)
+        rest = list(range(n_s, part.ndim))
+        offsets = [new_stack.index(offset_of[a]) for a in stack if a in offset_of]
+        offsets += [len(new_stack) + t for t in range(len(rest))]
+        numbers = lax.GatherDimensionNumbers(
+            offset_dims=tuple(offsets),
+            collapsed_slice_dims=tuple(q for q, a in enumerate(stack) if a in dn.collapsed_slice_dims),
+            start_index_map=tuple(stack.index(a) for a in dn.start_index_map),
+        )
+        slice_sizes = tuple(sizes[a] for a in stack) + tuple(part.shape[n_s:])
+        return lax.gather(part, indices, numbers, slice_sizes, indices_are_sorted=p["indices_are_sorted"],
+                          unique_indices=p["unique_indices"], mode=p["mode"], fill_value=p["fill_value"])
+
+    return [view.map_stack(w0, tuple(kinds), cut)]
+
+
+# --- higher-order rules --------------------------------------------------------------------------
+def _jit(ctx, eqn, invals):
+    jaxpr, consts = _open(eqn.params["jaxpr"])
+    return ctx.eval(jaxpr, consts, invals)
+
+
+def _remat(ctx, eqn, invals):
+    jaxpr, consts = _open(eqn.params["jaxpr"])
+    flat, unflatten = _flatten(invals)
+
+    def body(*flat):
+        return ctx.outputs(ctx.eval(jaxpr, consts, unflatten(flat)), "checkpoint body")
+
+    fn = jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy"))
+    return list(fn(*flat))
+
+
+def _cond(ctx, eqn, invals):
+    index, *operands = invals
+    if isinstance(index, View):
+        return ctx.unsupported(eqn, invals, " as a cond predicate")
+    flat, unflatten = _flatten(operands)
+
+    def branch(closed, *flat):
+        jaxpr, consts = _open(closed)
+        return ctx.outputs(ctx.eval(jaxpr, consts, unflatten(flat)), "cond branch")
+
+    branches = [functools.partial(branch, b) for b in eqn.params["branches"]]
+    return list(lax.switch(index, branches, *flat))
+
+
+def _scan(ctx, eqn, invals):
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
+    if any(isinstance(v, View) for v in init):
+        return ctx.unsupported(eqn, invals, " as a scan carry (only consts and scanned inputs can be adapted)")
+    for x in xs:
+        if isinstance(x, View) and x.kinds[0] != STACK:
+            return ctx.unsupported(eqn, invals, f" scanned over its axis 0, which is not a stack axis (axes {x.kinds})")
+    const_flat, const_unflatten = _flatten(consts)
+    xs_flat, xs_unflatten = _flatten(xs, unstack=True)
+    jaxpr, jconsts = _open(p["jaxpr"])
+    carry_vars = jaxpr.invars[n_consts:n_consts + n_carry]
+    init = [v if isinstance(v, jax.Array) else jnp.asarray(v, var.aval.dtype) for v, var in zip(init, carry_vars)]
+
+    def body(carry, xs_flat):
+        args = const_unflatten(const_flat) + list(carry) + xs_unflatten(xs_flat)
+        outs = ctx.outputs(ctx.eval(jaxpr, jconsts, args), "scan body")
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = lax.scan(body, init, xs_flat, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+
+def _opaque(ctx, eqn, invals):
+    return ctx.unsupported(eqn, invals, " (custom_jvp/custom_vjp functions receive dense arrays only)")
+
+
+# --- dot_general ---------------------------------------------------------------------------------
+def _dot_general(ctx, eqn, invals):
+    lhs, rhs = invals
+    if isinstance(lhs, View) and isinstance(rhs, View):
+        return ctx.unsupported(eqn, invals, " as both operands of one dot_general")
+    on_left = isinstance(lhs, View)
+    view, x = (lhs, rhs) if on_left else (rhs, lhs)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    wc, xc, wb, xb = (lc, rc, lb, rb) if on_left else (rc, lc, rb, lb)
+    stack = view.axes(STACK)
+    if set(wb) != set(stack):
+        return ctx.unsupported(eqn, invals, (
+            f" with batch dimensions {tuple(wb)} that are not exactly its stack axes {tuple(stack)} "
+            f"(axes {view.kinds}): slice the layer first (scan, indexing) or batch over it"))
+    if set(wc) == set(view.axes(IN)):
+        group, other = IN, OUT
+    elif set(wc) == set(view.axes(OUT)) and view.meta.kind == "low_rank":
+        group, other = OUT, IN
+    else:
+        return ctx.unsupported(eqn, invals, (
+            f" contracting its axes {tuple(wc)}, which are not exactly its in axes {tuple(view.axes(IN))}"
+            + (f" nor its out axes {tuple(view.axes(OUT))}" if view.meta.kind == "low_rank" else "")))
+
+    # The problem without batch axes: x's batch axes go first (in the order of the pairs) and
+    # each part's stack axes are put in the same order, then everything is vmapped over them.
+    n_b = len(wb)
+    x_front = jnp.moveaxis(x, xb, tuple(range(n_b))) if n_b else x
+    x_rest = [a for a in range(x.ndim) if a not in xb]
+    pair = {w: x_rest.index(c) for w, c in zip(wc, xc)}
+    g_axes = [a for a in range(len(view.kinds)) if view.kinds[a] == group]
+    x_con = [pair[a] for a in g_axes]  # x's contracted axes, in the order of the group in W
+    x_free = [a for a in range(len(x_rest)) if a not in x_con]
+    s_order = [stack.index(a) for a in wb]
+    parts = {}
+    for name, part in view.parts.items():
+        perm = s_order + list(range(len(stack), part.ndim))
+        parts[name] = part.transpose(perm) if perm != list(range(part.ndim)) else part
+    plan = DotPlan(tuple(x_con), tuple(x_free), transposed=group == OUT, on_left=on_left,
+                   g_shape=view.group_shape(group), o_shape=view.group_shape(other))
+
+    def batched(fn, *args):
+        for _ in range(n_b):
+            fn = jax.vmap(fn)
+        return fn(*args)
+
+    dtype = view.w0.dtype
+    if view.meta.kind == "adapter" and view.meta.position == "before":
+        x_new = batched(functools.partial(adapter_before, plan, view.meta), x_front, parts)
+        x_new = jnp.moveaxis(x_new, tuple(range(n_b)), xb) if n_b else x_new
+        return _bind(eqn, [view.w0, x_new] if on_left else [x_new, view.w0])
+    base = _bind(eqn, [view.w0, x] if on_left else [x, view.w0])[0]
+    if view.meta.kind == "adapter":
+        return [batched(functools.partial(adapter_after, plan, view.meta), base, parts)]
+    precision = eqn.params.get("precision")
+    if on_left and isinstance(precision, tuple):
+        precision = precision[::-1]
+    use = ctx.use(view.meta.path) if "key" in parts else 0
+    branch = functools.partial(
+        low_rank_branch, plan, view.meta, dtype, precision, eqn.params.get("preferred_element_type"), use)
+    return [base + batched(branch, x_front, parts).astype(base.dtype)]
+
+
+RULES: dict[str, Callable] = {
+    "dot_general": _dot_general,
+    "convert_element_type": _on_w0,
+    "copy": _identity,
+    "stop_gradient": _stop_gradient,
+    "sharding_constraint": _on_w0,
+    "transpose": _transpose,
+    "reshape": _reshape,
+    "squeeze": _squeeze,
+    "slice": _slice,
+    "dynamic_slice": _dynamic_slice,
+    "gather": _gather,
+    "jit": _jit,
+    "scan": _scan,
+    "remat2": _remat,
+    "cond": _cond,
+    "custom_jvp_call": _opaque,
+    "custom_vjp_call": _opaque,
+}
+"""Primitive name → rule, for primitives that receive an adapted value. ``tests`` check that
+every name exists in the running JAX, so a rename fails loudly instead of densifying."""
+
+
+# --- the transform -------------------------------------------------------------------------------
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _aval_key(x) -> tuple:
+    aval = jax.typeof(x)
+    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
+
+
+def factored(fn: Callable | None = None, *, materialize: bool = False) -> Callable:
+    """Transforms ``fn`` so that the adapted leaves in its arguments run factored.
+
+    ``fn`` is any JAX function: a linen ``apply``, an NNX functional call through
+    ``nnx.merge``, a transformers Flax model call, plain ``jnp`` code; it is not modified. Its
+    arguments may hold adapted leaves (from :func:`lrtt.wrap`). ``fn`` is traced once per input
+    structure with dense placeholders; the jaxpr is then evaluated so that each ``dot_general``
+    on an adapted kernel computes
+
+    .. math::  x W_0 + s\\,(x A) B \\qquad (A: (\\text{in}, r),\\; B: (r, \\text{out}))
+
+    (or the LoRETTA_adp forms), and neither ``ΔW`` nor its ``(in, out)`` gradient is formed.
+    Array leaves of the arguments are traced; other leaves (Python scalars, strings, None) are
+    static, part of the trace cache's key. Composes with ``jax.jit``, ``jax.grad``,
+    ``jax.vmap`` and ``jax.checkpoint``.
+
+    Args:
+      fn: the function to transform (``lrtt.factored(fn)`` or ``@lrtt.factored``).
+      materialize: at a primitive with no factored rule, form the dense ``W0 + ΔW`` there (on
+        purpose, with its dense gradient) instead of raising. LoRETTA_adp kernels cannot be
+        materialized.
+
+    Returns:
+      A function with ``fn``'s signature and outputs.
+
+    Raises:
+      ValueError: an adapted value reaches a primitive with no rule (see :data:`RULES`); the
+        message names the primitive, the leaf's path and ``materialize=True``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lrtt
+      >>> params = {"dense": {"kernel": jnp.ones((16, 32))}}
+      >>> method = lrtt.LoRA(rank=4, targets="dense/kernel")
+      >>> adapter = method.init(jax.random.key(0), params)
+      >>> fn = lambda p, x: x @ p["dense"]["kernel"]
+      >>> lrtt.factored(fn)(lrtt.wrap(method, params, adapter), jnp.ones((2, 16))).shape
+      (2, 32)
+    """
+    if fn is None:
+        return functools.partial(factored, materialize=materialize)
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_adapted)
+        dynamic, key = [], [treedef]
+        for leaf in leaves:
+            if _is_adapted(leaf):
+                dynamic.append(leaf)
+                key.append(("array", tuple(leaf.shape), str(jnp.dtype(leaf.dtype)), False))
+            elif _is_array(leaf):
+                dynamic.append(leaf)
+                key.append(("array",) + _aval_key(leaf))
+            else:
+                key.append(("static", leaf))
+        try:
+            key = tuple(key)
+            hash(key)
+        except TypeError:
+            raise TypeError(
+                "lrtt.factored: a non-array leaf of the arguments is not hashable; non-array "
+                "leaves are static (part of the trace's key). Pass it as an array, or close over "
+                "it in `fn`.") from None
+        traced = cache.get(key)
+        if traced is None:
+            traced = _trace(fn, leaves, treedef, dynamic)
+            if not any(isinstance(c, jax.core.Tracer) for c in traced[0].consts):
+                cache[key] = traced
+        closed, out_tree = traced
+        interp = _Interpreter(materialize)
+        args_in = [View.of(v) if _is_adapted(v) else v for v in dynamic]
+        outs = interp.outputs(interp.eval(closed.jaxpr, closed.consts, args_in), "the output of fn")
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    wrapper.trace_cache = cache
+    return wrapper
+
+
+def _trace(fn, leaves, treedef, dynamic):
+    placeholders = []
+    for leaf in dynamic:
+        if _is_adapted(leaf):
+            placeholders.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+        else:
+            aval = jax.typeof(leaf)
+            placeholders.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False)))
+    is_dynamic = [_is_adapted(leaf) or _is_array(leaf) for leaf in leaves]
+
+    def flat_fn(*values):
+        it = iter(values)
+        full = [next(it) if d else leaf for d, leaf in zip(is_dynamic, leaves)]
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
+        return fn(*args, **kwargs)
+
+    closed, shape = jax.make_jaxpr(flat_fn, return_shape=True)(*placeholders)
+    return closed, jax.tree_util.tree_structure(shape)

@@ -1,0 +1,165 @@
+"""The skinny products of factored execution, with backward passes laid out for speed.
+
+``low_rank(x, a, b)`` is ``scale · (x @ a) @ b`` on 2-D views (``x: (m, k)``, ``a: (k, r)``,
+``b: (r, n)``) with a hand-written VJP. Autodiff of the plain expression would produce the factor
+gradient ``dA = xᵀ·g`` as an ``(k, r)`` product; on XLA CPU a skinny product is several times
+faster when its long side is the *last* axis of the result (DESIGN.md §7), so the VJP forms
+``dAᵀ = gᵀ·x: (r, k)`` and transposes the small result. ``dB = tᵀ·g`` is ``(r, n)`` already.
+
+``bottleneck(h, down, d, up, u)`` is LoRETTA_adp's ``f(h) = s·(act(h @ D + d) @ U + u)``.
+
+``low_rank_branch``, ``adapter_before`` and ``adapter_after`` apply them at one ``dot_general``
+of :func:`lrtt.factored`, laid out by a :class:`DotPlan` (one slice of the dot's batch axes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lrtt._adapter import ACTIVATIONS
+
+_MM = (((1,), (0,)), ((), ()))  # (m, k) · (k, n): contract the last axis of lhs with the first of rhs
+_TN = (((0,), (0,)), ((), ()))  # (m, k)ᵀ · (m, n): contract the leading axes
+_NT = (((1,), (1,)), ((), ()))  # (m, k) · (n, k)ᵀ: contract the trailing axes
+
+
+def _dot(lhs, rhs, dims, precision, preferred):
+    return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=preferred)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def low_rank(x, a, b, scale, precision=None, preferred=None):
+    """``scale · (x @ a) @ b`` for ``x: (m, k)``, ``a: (k, r)``, ``b: (r, n)`` → ``(m, n)``.
+
+    Args:
+      x: the activations, leading axes already flattened.
+      a, b: the factors, already in the activations' compute dtype.
+      scale: a Python float (static).
+      precision, preferred: passed to both ``lax.dot_general`` calls, as in the model's own dot.
+    """
+    return _forward(x, a, b, scale, precision, preferred)[0]
+
+
+def _forward(x, a, b, scale, precision, preferred):
+    t = _dot(x, a, _MM, precision, preferred).astype(x.dtype)
+    if scale != 1.0:
+        t = t * jnp.asarray(scale, t.dtype)
+    return _dot(t, b, _MM, precision, preferred), t
+
+
+def _low_rank_fwd(x, a, b, scale, precision, preferred):
+    y, t = _forward(x, a, b, scale, precision, preferred)
+    return y, (x, a, b, t)
+
+
+def _low_rank_bwd(scale, precision, preferred, residuals, g):
+    x, a, b, t = residuals  # t = scale·x·a
+    g = g.astype(x.dtype)
+    gt = _dot(g, b, _NT, precision, None)  # (m, r) = s·g·bᵀ
+    if scale != 1.0:
+        gt = gt * jnp.asarray(scale, gt.dtype)
+    db = _dot(t, g, _TN, precision, None)  # (r, n) = (s·x·a)ᵀ·g, the fast orientation
+    # (r, k) = (s·g·bᵀ)ᵀ·x, then a small transpose. The barrier keeps XLA from folding the
+    # transpose into the product, which would bring back the slow (k, r) orientation.
+    da = lax.optimization_barrier(_dot(gt, x, _TN, precision, None)).T
+    dx = _dot(gt, a, _NT, precision, None)  # (m, k) = s·g·bᵀ·aᵀ
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def bottleneck(h, down, down_bias, up, up_bias, *, scale: float, activation: str):
+    """``f(h) = scale · (act(h @ D + d) @ U + u)`` for ``h: (m, n)``, ``D: (n, b)``, ``U: (b, n)``."""
+    dtype = h.dtype
+    z = ACTIVATIONS[activation](h @ down.astype(dtype) + down_bias.astype(dtype))
+    return jnp.asarray(scale, dtype) * (z @ up.astype(dtype) + up_bias.astype(dtype))
+
+
+def dropout(key, x, rate: float):
+    """Inverted dropout of ``x`` with keep probability ``1 - rate`` (identity when ``rate == 0``)."""
+    if rate <= 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+# --- the branch of one dot_general, on one slice of its batch axes ------------------------------
+@dataclasses.dataclass(frozen=True)
+class DotPlan:
+    """How one ``dot_general`` of activations ``x`` with an adapted kernel ``W`` is laid out.
+
+    ``x_con``: x's contracted axes, in the order of the matching kernel axes; ``x_free``: its
+    other axes. ``transposed``: the dot contracts W's *out* axes (``x·Wᵀ``). ``on_left``: W is
+    the lhs, so the output is ``(W free, x free)``. ``g_shape``: the contracted group's shape in
+    W; ``o_shape``: W's free group's shape.
+    """
+
+    x_con: tuple[int, ...]
+    x_free: tuple[int, ...]
+    transposed: bool
+    on_left: bool
+    g_shape: tuple[int, ...]
+    o_shape: tuple[int, ...]
+
+
+def _to_rows(x, plan: DotPlan):
+    """``x`` with its free axes flattened into rows and its contracted axes into columns."""
+    perm = list(plan.x_free + plan.x_con)
+    xt = x.transpose(perm) if perm != list(range(x.ndim)) else x
+    free_shape = tuple(x.shape[a] for a in plan.x_free)
+    return xt.reshape(math.prod(free_shape), -1), free_shape, perm
+
+
+def _from_rows(y, plan: DotPlan, free_shape):
+    """``(rows, n)`` → the dot's output layout: (x free, W free) or (W free, x free)."""
+    y = y.reshape(free_shape + plan.o_shape)
+    if plan.on_left:
+        n_f = len(free_shape)
+        y = y.transpose(list(range(n_f, y.ndim)) + list(range(n_f)))
+    return y
+
+
+def low_rank_branch(plan: DotPlan, meta, dtype, precision, preferred, use: int, x, parts):
+    """``scale·(x·A)·B`` (or ``scale·(x·Bᵀ)·Aᵀ`` for ``x·Wᵀ``) in the dot's output layout."""
+    x2, free_shape, _ = _to_rows(x, plan)
+    if "key" in parts:
+        x2 = dropout(jax.random.fold_in(parts["key"], use), x2, meta.dropout)
+    k, n = math.prod(plan.g_shape), math.prod(plan.o_shape)
+    a, b = parts["a"], parts["b"]
+    if plan.transposed:  # x·Wᵀ = (x·Bᵀ)·Aᵀ
+        left, right = b.reshape(-1, k).T, a.reshape(n, -1).T
+    else:  # x·W = (x·A)·B
+        left, right = a.reshape(k, -1), b.reshape(-1, n)
+    y = low_rank(x2, left.astype(dtype), right.astype(dtype), meta.scale, precision, preferred)
+    return _from_rows(y, plan, free_shape)
+
+
+def _f(meta, parts, h2):
+    n = h2.shape[-1]
+    return bottleneck(h2, parts["down"].reshape(n, -1), parts["down_bias"], parts["up"].reshape(-1, n),
+                      parts["up_bias"].reshape(n), scale=meta.scale, activation=meta.activation)
+
+
+def adapter_before(plan: DotPlan, meta, x, parts):
+    """``x + f(x)`` over x's contracted axes (a before-linear adapter), in x's own layout."""
+    x2, _, perm = _to_rows(x, plan)
+    x2 = x2 + _f(meta, parts, x2)
+    xt = x2.reshape(tuple(x.shape[a] for a in perm))
+    return xt.transpose([perm.index(a) for a in range(x.ndim)]) if perm != list(range(x.ndim)) else xt
+
+
+def adapter_after(plan: DotPlan, meta, base, parts):
+    """``h0 + f(h0 + b0)`` over the dot's output features (an after-linear adapter)."""
+    n_f, n_o = len(plan.x_free), len(plan.o_shape)
+    h = base.transpose(list(range(n_o, n_o + n_f)) + list(range(n_o))) if plan.on_left else base
+    free_shape = tuple(h.shape[:n_f])
+    h2 = h.reshape(math.prod(free_shape), -1)
+    h_in = h2 + parts["b0"].reshape(-1).astype(h2.dtype) if "b0" in parts else h2
+    return base + _from_rows(_f(meta, parts, h_in), plan, free_shape)
