@@ -8,6 +8,8 @@ Methods are frozen dataclasses; everything else is a pure function over pytrees:
     out = lrtt.factored(apply)(lrtt.wrap(method, params, adapter), x)  # x·W0 + s·(x·A)·B
 """
 
+from lrtt import _optim as optim
+from lrtt import _train as train
 from lrtt import _tt as tt
 from lrtt._adapted import (
     AdaptedLeaf as AdaptedLeaf,
@@ -23,12 +25,18 @@ from lrtt._adapter import (
     Trainable as Trainable,
     entries as entries,
 )
+from lrtt._checkpoint import (
+    CheckpointCorruptError as CheckpointCorruptError,
+    CheckpointManager as CheckpointManager,
+    CheckpointMismatchError as CheckpointMismatchError,
+)
 from lrtt._count import (
     adapter_shapes as adapter_shapes,
     num_params as num_params,
     parameter_table as parameter_table,
     print_trainable_parameters as print_trainable_parameters,
 )
+from lrtt._export import export_merged as export_merged, load_merged as load_merged
 from lrtt._factored import factored as factored
 from lrtt._lora import LoRA as LoRA
 from lrtt._loretta_adp import LorettaAdp as LorettaAdp
@@ -42,6 +50,9 @@ __all__ = [
     "AdaptedLeaf",
     "AdapterLeaf",
     "BottleneckAdapter",
+    "CheckpointCorruptError",
+    "CheckpointManager",
+    "CheckpointMismatchError",
     "Layout",
     "LoRA",
     "LoraFactors",
@@ -55,12 +66,16 @@ __all__ = [
     "adapter_shapes",
     "delta",
     "entries",
+    "export_merged",
     "factored",
+    "load_merged",
     "merge",
     "num_params",
+    "optim",
     "parameter_table",
     "print_trainable_parameters",
     "select",
+    "train",
     "tt",
     "unmerge",
     "wrap",

@@ -1,0 +1,419 @@
+"""Orbax checkpoints of the adapter alone: adapter, optimizer state, step, data position, config.
+
+The frozen weights are never written: a LoRA r=8 checkpoint of a GPT-2-small-shaped model is a
+few megabytes next to the ~500 MB of its base. Each step directory holds three Orbax items:
+
+* ``adapter`` and ``opt_state``: the arrays, keyed by their ``/``-joined paths (``StandardSave``);
+* ``meta``: JSON with the step, the data position, the method's ``to_config()``, the adapter's
+  entries (kind, static fields, shapes, dtypes), a fingerprint of every array and the rng.
+
+Semantics (what a resumed run can rely on):
+
+* Saves are asynchronous (``async_save=True``): ``save`` returns once the arrays are copied off
+  the devices; ``wait()`` blocks until the last save is committed. Orbax writes each step into a
+  temporary directory and renames it on commit, so a process killed mid-save leaves no step
+  behind (the temporary directory is ignored, and removed when the next manager opens).
+* The last ``max_to_keep`` committed steps are kept; nothing is deleted on an error.
+* ``restore`` first compares the checkpoint's method config and adapter entries with the current
+  method and ``adapter_like``; any difference (method, rank, TT shape, targets, a leaf's shape or
+  dtype) raises :class:`CheckpointMismatchError` listing every difference.
+* A committed but damaged step (truncated or deleted file, altered bytes: the fingerprints catch
+  what the storage layer does not) raises :class:`CheckpointCorruptError` naming the step and the
+  earlier steps; ``restore(step=<earlier>)`` restores one of them. With ``fallback=True`` and no
+  ``step``, the newest step that restores is used instead, with a warning naming each damaged
+  one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lrtt._adapter import entries, is_entry
+from lrtt._paths import named_leaves, nest
+
+FORMAT = "lrtt-adapter-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written for another method, rank, TT shape, target set or model."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A committed checkpoint step cannot be read back intact."""
+
+
+class Restored(NamedTuple):
+    """What :meth:`CheckpointManager.restore` returns."""
+
+    adapter: Any
+    opt_state: Any
+    step: int
+    data_position: dict
+    rng: Any
+
+
+def _flat(tree: Any, what: str) -> dict[str, Any]:
+    flat = named_leaves(tree)
+    names = [p for p, _ in flat]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two leaves of the {what} share one '/'-joined path; rename the keys that contain '/'.")
+    return dict(flat)
+
+
+def _leaf_info(flat: dict[str, Any]) -> dict[str, list]:
+    return {p: [list(x.shape), jnp.dtype(x.dtype).name] for p, x in flat.items()}
+
+
+def _entry_info(adapter: Any) -> dict[str, dict]:
+    """Kind and static fields of every entry (the arrays are described by ``_leaf_info``)."""
+    out = {}
+    for path, entry in entries(adapter).items():
+        if not is_entry(entry):
+            continue
+        static = {
+            f.name: getattr(entry, f.name)
+            for f in dataclasses.fields(entry)
+            if isinstance(getattr(entry, f.name), (bool, int, float, str))
+        }
+        out[path] = {"kind": type(entry).__name__, **static}
+    return out
+
+
+def _words(x: jax.Array) -> jax.Array:
+    x = x.reshape(-1)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(jnp.dtype(x.dtype).itemsize)
+    if width is None:  # 8-byte types: two words each
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(leaves: list) -> list:
+    out = []
+    for x in leaves:
+        w = _words(x)
+        weight = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)]))
+    return out
+
+
+def fingerprints(flat: dict[str, Any]) -> dict[str, list[int]]:
+    """Two order-sensitive 32-bit checksums of every array's bits (computed on device, sharded)."""
+    names = sorted(flat)
+    values = _fingerprints([flat[n] for n in names])
+    return {n: [int(v) for v in np.asarray(jax.device_get(fp))] for n, fp in zip(names, values)}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def _rng_meta(rng: Any) -> dict | None:
+    if rng is None:
+        return None
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return {"impl": str(jax.random.key_impl(rng)), "data": np.asarray(jax.random.key_data(rng)).tolist()}
+    return {"impl": None, "data": np.asarray(rng).tolist()}
+
+
+def _rng_from_meta(meta: dict | None) -> Any:
+    if meta is None:
+        return None
+    data = jnp.asarray(np.asarray(meta["data"], np.uint32))
+    return data if meta["impl"] is None else jax.random.wrap_key_data(data, impl=meta["impl"])
+
+
+def _diff_lines(saved: dict, now: dict, label: str) -> list[str]:
+    lines = []
+    for key in sorted(set(saved) | set(now), key=lambda k: (k != "method", k)):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if a != b:
+            lines.append(f"{label}{key}: checkpoint {a!r}, now {b!r}")
+    return lines
+
+
+def _tree_diff(saved: dict, now: dict, what: str) -> list[str]:
+    lines = []
+    only_saved = sorted(set(saved) - set(now))
+    only_now = sorted(set(now) - set(saved))
+    if only_saved:
+        lines.append(f"{what} only in the checkpoint ({len(only_saved)}): {only_saved[:6]}")
+    if only_now:
+        lines.append(f"{what} only in the current adapter ({len(only_now)}): {only_now[:6]}")
+    for path in sorted(set(saved) & set(now)):
+        if saved[path] != now[path]:
+            lines.append(f"{what} {path}: checkpoint {saved[path]}, now {now[path]}")
+    return lines
+
+
+def _abstract(flat_like: dict[str, Any], shardings: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    out = {}
+    for path, leaf in flat_like.items():
+        sharding = shardings.get(path) if isinstance(shardings, dict) else shardings
+        if sharding is None:
+            sharding = getattr(leaf, "sharding", None) or default
+        out[path] = jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
+    return out
+
+
+def _sharding_maps(shardings: Any, adapter_like: Any, opt_state_like: Any):
+    """``shardings`` → (adapter {path: sharding} or one sharding, opt_state likewise)."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return shardings, shardings
+    if hasattr(shardings, "adapter") and hasattr(shardings, "opt_state"):  # a TrainState of shardings
+        shardings = (shardings.adapter, shardings.opt_state)
+    if isinstance(shardings, tuple) and len(shardings) == 2:
+        is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+        return tuple(
+            None if tree is None else dict(named_leaves(tree, is_leaf=is_sh)) for tree in shardings
+        )
+    raise ValueError(
+        "`shardings` must be None, one jax.sharding.Sharding for every array, a pair "
+        "(adapter_shardings, opt_state_shardings) of trees like the adapter and the optimizer "
+        f"state, or a TrainState of shardings (MeshStep.state_sharding); got {type(shardings).__name__}."
+    )
+
+
+class CheckpointManager:
+    """Saves and restores the adapter, optimizer state, step and data position with Orbax.
+
+    Args:
+      directory: where the step directories go (created if missing).
+      method: the lrtt method; its ``to_config()`` is saved and compared on restore.
+      max_to_keep: number of most recent steps kept (older ones are deleted after a new save
+        commits).
+      async_save: save in a background thread (``wait()`` blocks until it is committed).
+
+    Example::
+
+      mgr = lrtt.CheckpointManager("/tmp/run", method, max_to_keep=3)
+      mgr.save(100, state.adapter, state.opt_state, data_position={"index": 6400}, rng=state.rng)
+      r = mgr.restore(adapter_like=state.adapter, opt_state_like=state.opt_state)
+      r.step, r.data_position   # (100, {'index': 6400})
+    """
+
+    def __init__(self, directory: str | os.PathLike, method: Any, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.method = method
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first. Waits for a save in flight; a killed one is never listed."""
+        self._manager.wait_until_finished()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def wait(self) -> None:
+        """Block until the last asynchronous save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        adapter: Any,
+        opt_state: Any = None,
+        *,
+        data_position: dict | None = None,
+        rng: Any = None,
+    ) -> None:
+        """Save one step (asynchronously by default). Never writes a frozen weight.
+
+        Args:
+          step: the number of optimizer steps taken (the directory name).
+          adapter: the adapter tree (any sharding).
+          opt_state: the optimizer state over the adapter, or None.
+          data_position: JSON-able position in the data (e.g. ``{"epoch": 1, "index": 6400}``)
+            so a resumed run sees the same data order.
+          rng: the run's base key (``TrainState.rng``), restored as ``Restored.rng``.
+        """
+        step = int(step)
+        if not any(is_entry(e) for e in entries(adapter).values()):
+            raise ValueError(
+                "`adapter` holds no lrtt adapter entry (LoraFactors, TTFactors, ...): pass the tree "
+                "that method.init returned (state.adapter), not the params; checkpoints never hold "
+                "the frozen weights."
+            )
+        flat_adapter = _flat(adapter, "adapter")
+        flat_opt = _flat(opt_state, "optimizer state") if opt_state is not None else {}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "data_position": _jsonable(data_position or {}),
+            "method": _jsonable(self.method.to_config()),
+            "entries": _jsonable(_entry_info(adapter)),
+            "adapter_leaves": _leaf_info(flat_adapter),
+            "opt_state_leaves": _leaf_info(flat_opt) if opt_state is not None else None,
+            "fingerprints": {
+                "adapter": fingerprints(flat_adapter),
+                "opt_state": fingerprints(flat_opt) if flat_opt else {},
+            },
+            "rng": _rng_meta(rng),
+        }
+        items = {"adapter": ocp.args.StandardSave(nest(flat_adapter)), "meta": ocp.args.JsonSave(meta)}
+        if flat_opt:
+            items["opt_state"] = ocp.args.StandardSave(nest(flat_opt))
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def _corrupt(self, step: int, reason: str) -> CheckpointCorruptError:
+        earlier = [s for s in self.all_steps() if s < step]
+        hint = (
+            f"restore an earlier step with restore(step={earlier[-1]}, ...) (committed steps: {earlier}), "
+            "or restore(fallback=True) to take the newest step that reads back"
+            if earlier
+            else "there is no earlier step in this directory"
+        )
+        return CheckpointCorruptError(
+            f"checkpoint step {step} in {self.directory} is damaged and cannot be restored: {reason}\n"
+            f"Its files are left as they are; {hint}."
+        )
+
+    def _meta(self, step: int) -> dict:
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as err:  # noqa: BLE001 - any read failure of a committed step is damage
+            raise self._corrupt(step, f"its metadata does not read back ({type(err).__name__}: {str(err)[:300]})") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise self._corrupt(step, "its metadata is not an lrtt adapter checkpoint's")
+        return meta
+
+    def check(self, step: int, adapter_like: Any, opt_state_like: Any = None) -> dict:
+        """The step's metadata, after checking it matches ``self.method`` and ``adapter_like``.
+
+        Raises:
+          CheckpointMismatchError: listing every difference.
+          CheckpointCorruptError: the metadata does not read back.
+        """
+        meta = self._meta(step)
+        lines = _diff_lines(meta["method"], _jsonable(self.method.to_config()), "")
+        lines += _tree_diff(meta["entries"], _jsonable(_entry_info(adapter_like)), "entry")
+        lines += _tree_diff(meta["adapter_leaves"], _leaf_info(_flat(adapter_like, "adapter")), "leaf")
+        if opt_state_like is not None:
+            if meta["opt_state_leaves"] is None:
+                lines.append("optimizer state: the checkpoint has none (it was saved with opt_state=None)")
+            else:
+                now = _leaf_info(_flat(opt_state_like, "optimizer state"))
+                lines += _tree_diff(meta["opt_state_leaves"], now, "optimizer state leaf")
+        if lines:
+            shown = "\n  ".join(lines)
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} was written for another adapter; "
+                f"differences (checkpoint vs now):\n  {shown}\nRestore with the method, params and "
+                "optimizer the checkpoint was written with (its config is in the step's meta/metadata), "
+                "or start a new checkpoint directory."
+            )
+        return meta
+
+    def _restore_step(self, step, adapter_like, opt_state_like, shardings) -> Restored:
+        meta = self.check(step, adapter_like, opt_state_like)
+        adapter_sh, opt_sh = _sharding_maps(shardings, adapter_like, opt_state_like)
+        flat_like = _flat(adapter_like, "adapter")
+        items = {"adapter": ocp.args.StandardRestore(nest(_abstract(flat_like, adapter_sh)))}
+        flat_opt_like = _flat(opt_state_like, "optimizer state") if opt_state_like is not None else {}
+        if flat_opt_like:
+            items["opt_state"] = ocp.args.StandardRestore(nest(_abstract(flat_opt_like, opt_sh)))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # noqa: BLE001
+            raise self._corrupt(step, f"its arrays do not read back ({type(err).__name__}: {str(err)[:300]})") from err
+        flat_adapter = dict(named_leaves(restored["adapter"]))
+        flat_opt = dict(named_leaves(restored["opt_state"])) if flat_opt_like else {}
+        for what, flat, saved in (("adapter", flat_adapter, meta["fingerprints"]["adapter"]), ("opt_state", flat_opt, meta["fingerprints"]["opt_state"])):
+            if not flat:
+                continue
+            bad = [p for p, fp in fingerprints(flat).items() if saved.get(p) != fp]
+            if bad:
+                raise self._corrupt(step, f"the bytes of {len(bad)} {what} array(s) changed since the save: {bad[:4]}")
+        adapter = _unflatten_like(adapter_like, flat_adapter)
+        opt_state = _unflatten_like(opt_state_like, flat_opt) if opt_state_like is not None else None
+        return Restored(adapter, opt_state, int(meta["step"]), meta["data_position"], _rng_from_meta(meta["rng"]))
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        adapter_like: Any,
+        opt_state_like: Any = None,
+        shardings: Any = None,
+        fallback: bool = False,
+    ) -> Restored:
+        """Restore a step onto the structure (and sharding) of ``adapter_like``/``opt_state_like``.
+
+        Args:
+          step: the step to restore; None: the latest committed one.
+          adapter_like: an adapter of the expected structure: arrays, or ``ShapeDtypeStruct``
+            (e.g. ``lrtt.adapter_shapes(method, params)``). Each array lands on the leaf's own
+            sharding when it has one, else on the first local device.
+          opt_state_like: the optimizer state's structure (``jax.eval_shape(tx.init, adapter)``),
+            or None to skip it.
+          shardings: overrides the placement: one ``Sharding`` for every array, a pair of trees
+            ``(adapter_shardings, opt_state_shardings)``, or a TrainState of shardings
+            (``MeshStep.state_sharding``): a checkpoint written on one sharding restores onto any.
+          fallback: with ``step=None``, walk back to the newest step that restores if the latest
+            is damaged (a warning names each damaged step). Mismatches are never skipped.
+
+        Returns:
+          :class:`Restored` ``(adapter, opt_state, step, data_position, rng)``.
+
+        Raises:
+          CheckpointMismatchError, CheckpointCorruptError, FileNotFoundError (no step).
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no committed checkpoint in {self.directory}.")
+        if step is not None:
+            if int(step) not in steps:
+                raise FileNotFoundError(f"no committed checkpoint step {step} in {self.directory}; committed steps: {steps}.")
+            return self._restore_step(int(step), adapter_like, opt_state_like, shardings)
+        candidates = list(reversed(steps)) if fallback else [steps[-1]]
+        for i, candidate in enumerate(candidates):
+            try:
+                return self._restore_step(candidate, adapter_like, opt_state_like, shardings)
+            except CheckpointCorruptError as err:
+                if i == len(candidates) - 1:
+                    raise
+                warnings.warn(f"skipping damaged checkpoint step {candidate}: {str(err).splitlines()[0]}", stacklevel=2)
+        raise AssertionError("unreachable")
+
+
+def _unflatten_like(like: Any, flat: dict[str, Any]) -> Any:
+    paths = [p for p, _ in named_leaves(like)]
+    treedef = jax.tree.structure(like)
+    return jax.tree.unflatten(treedef, [flat[p] for p in paths])

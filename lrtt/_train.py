@@ -1,0 +1,527 @@
+"""Training steps: gradients with respect to the adapter only, on one device, pmap or a Mesh.
+
+Every step has the signature ``step(state, params, batch) -> (state, loss)``:
+
+* ``state`` — a :class:`TrainState` ``(adapter, opt_state, step, rng)``, donated (updated in place);
+* ``params`` — the frozen weights, an ordinary jit argument: never differentiated, never
+  closed over (so one compiled step serves any params of the same shapes and no constant is
+  baked into the executable);
+* ``batch`` — any pytree whose leaves have the batch on their leading axis.
+
+.. math::  g = \\nabla_{\\text{adapter}}\\, \\mathcal{L}(\\text{adapter}, \\text{params}, \\text{batch}), \\qquad
+   (\\text{adapter}, \\text{opt\\_state}) \\leftarrow \\text{optimizer}(g, \\ldots)
+
+The dropout key of a step is ``fold_in(state.rng, state.step)``; under ``pmap`` it is further
+folded with the device index; with ``accumulate=k`` each micro-batch ``i`` gets
+``fold_in(key, i)``. Micro-batch ``i`` holds rows ``i, i+k, i+2k, ...`` of the batch, so every
+device keeps its share of each micro-batch under data parallelism; the gradient is the mean of
+the micro-batch gradients (equal to the full-batch gradient of a mean loss).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lrtt._adapter import LoraFactors, Trainable, entries, is_entry
+from lrtt._count import adapter_shapes
+from lrtt._paths import named_leaves, path_str
+from lrtt._targets import first_match, select
+
+FORWARDS = ("factored", "merged")
+
+
+class TrainState(NamedTuple):
+    """What a step updates: the adapter, the optimizer state, the step counter and the base rng."""
+
+    adapter: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def init_state(adapter: Any, optimizer: optax.GradientTransformation, rng: jax.Array | int = 0) -> TrainState:
+    """A fresh :class:`TrainState` (``step = 0``); ``rng`` is a key or an integer seed."""
+    if not isinstance(rng, jax.Array):
+        rng = jax.random.key(rng)
+    return TrainState(adapter, optimizer.init(adapter), jnp.zeros((), jnp.int32), rng)
+
+
+def adamw(
+    learning_rate: float,
+    *,
+    warmup: int = 0,
+    total: int | None = None,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip_norm: float | None = None,
+) -> optax.GradientTransformation:
+    """AdamW with a linear warmup then cosine decay to 0 at ``total`` (constant if ``total`` is None).
+
+    Any optax optimizer works with the steps; this is the usual LoRA recipe. A schedule given to
+    an optax optimizer advances once per optimizer update (per step, not per micro-batch).
+
+    Args:
+      learning_rate: peak learning rate.
+      warmup: number of linear warmup steps from 0.
+      total: total number of steps (warmup included) for the cosine decay; None keeps the peak.
+      weight_decay: decoupled weight decay (applies to the adapter only: frozen weights are
+        never in the optimizer).
+      b1, b2, eps: Adam's moments.
+      clip_norm: clip the global gradient norm first, if given.
+    """
+    if total is not None:
+        if total <= warmup:
+            raise ValueError(f"`total`={total} must exceed `warmup`={warmup} (both count steps).")
+        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total, end_value=0.0)
+    elif warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup), optax.constant_schedule(learning_rate)], [warmup]
+        )
+    else:
+        schedule = learning_rate
+    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
+
+
+# --- the loss -------------------------------------------------------------------------------
+
+
+def make_loss(
+    method: Any,
+    apply_fn: Callable[[Any, Any, jax.Array], Any],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    *,
+    forward: str = "factored",
+) -> Callable[[Any, Any, Any, jax.Array], jax.Array]:
+    """``loss(adapter, params, batch, rng) -> scalar`` of the adapted model.
+
+    Args:
+      method: the lrtt method the adapter was made with.
+      apply_fn: ``apply_fn(params, batch, rng) -> outputs``, the plain model (e.g.
+        ``lambda p, b, k: model(b["input_ids"], params=p, dropout_rng=k, train=True).logits``).
+      loss_fn: ``loss_fn(outputs, batch) -> scalar`` (a mean over the batch, so that
+        micro-batching and data parallelism average correctly).
+      forward: ``"factored"`` (default): ``lrtt.factored(apply_fn)`` on
+        ``lrtt.wrap(method, params, adapter, rng=...)``, computing ``x·W0 + s·(x·A)·B`` without
+        forming ``W0 + ΔW``; the adapter's dropout runs here. ``"merged"``: ``apply_fn`` on
+        ``lrtt.merge(method, params, adapter)`` (exact and differentiable, but forms the dense
+        kernels; no adapter dropout, LoRA and LorettaRep only).
+
+    Raises:
+      ValueError: unknown ``forward``; ``"merged"`` with adapter dropout or an unmergeable method.
+    """
+    if forward not in FORWARDS:
+        raise ValueError(f"`forward` must be one of {list(FORWARDS)}, got {forward!r}.")
+    dropout = float(getattr(method, "dropout", 0.0) or 0.0)
+    if forward == "merged":
+        from lrtt._merge import NOT_MERGEABLE, merge
+
+        if not getattr(method, "mergeable", False):
+            raise ValueError(NOT_MERGEABLE.format(method=type(method).__name__))
+        if dropout:
+            raise ValueError(
+                f"`forward`='merged' cannot apply the adapter's dropout ({type(method).__name__}"
+                f"(dropout={dropout})): dropout acts on the adapter's input only, which a merged "
+                "kernel no longer separates. Use forward='factored', or dropout=0."
+            )
+
+        def loss(adapter, params, batch, rng):
+            return loss_fn(apply_fn(merge(method, params, adapter), batch, rng), batch)
+
+        return loss
+
+    import lrtt
+
+    if not hasattr(lrtt, "factored") or not hasattr(lrtt, "wrap"):
+        raise ValueError(
+            "`forward`='factored' needs lrtt.factored / lrtt.wrap, which this installation does "
+            "not provide; use forward='merged' (LoRA, LorettaRep)."
+        )
+    factored_apply = lrtt.factored(apply_fn)
+
+    def loss(adapter, params, batch, rng):
+        adapter_key, model_key = jax.random.split(rng)
+        wrapped = lrtt.wrap(method, params, adapter, rng=adapter_key if dropout else None)
+        return loss_fn(factored_apply(wrapped, batch, model_key), batch)
+
+    return loss
+
+
+def _microbatches(batch: Any, n: int) -> Any:
+    """``(B, ...)`` leaves → ``(n, B/n, ...)`` with micro-batch ``i`` = rows ``i, i+n, ...``."""
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"`accumulate`={n} must divide the batch size, got a leaf of shape {x.shape}.")
+        return jnp.moveaxis(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def _value_and_grad(loss, adapter, params, batch, key, accumulate, constrain=lambda b: b):
+    grad_fn = jax.value_and_grad(loss)
+    if accumulate == 1:
+        return grad_fn(adapter, params, batch, key)
+    micro = constrain(_microbatches(batch, accumulate))
+
+    def body(carry, inputs):
+        index, mb = inputs
+        value, grads = grad_fn(adapter, params, mb, jax.random.fold_in(key, index))
+        total_value, total_grads = carry
+        return (total_value + value.astype(jnp.float32), jax.tree.map(jnp.add, total_grads, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, adapter)
+    (value, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accumulate), micro))
+    return value / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
+
+
+def _update(optimizer, state: TrainState, grads) -> TrainState:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.adapter)
+    adapter = optax.apply_updates(state.adapter, updates)
+    return TrainState(adapter, opt_state, state.step + 1, state.rng)
+
+
+def _check_accumulate(accumulate: int) -> None:
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"`accumulate` must be an integer >= 1, got {accumulate!r}.")
+
+
+# --- single device --------------------------------------------------------------------------
+
+
+def jit_step(loss, optimizer: optax.GradientTransformation, *, accumulate: int = 1, donate: bool = True):
+    """``step(state, params, batch) -> (state, loss)`` under ``jax.jit``, ``state`` donated.
+
+    Args:
+      loss: ``loss(adapter, params, batch, rng)`` (see :func:`make_loss`).
+      optimizer: any optax transformation over the adapter tree.
+      accumulate: number of micro-batches the batch is split into (gradient accumulation).
+      donate: donate ``state`` (its buffers are reused for the new state).
+    """
+    _check_accumulate(accumulate)
+
+    def step(state: TrainState, params, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        value, grads = _value_and_grad(loss, state.adapter, params, batch, key, accumulate)
+        return _update(optimizer, state, grads), value
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+# --- pmap -----------------------------------------------------------------------------------
+
+
+def pmap_step(
+    loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    axis_name: str = "batch",
+    accumulate: int = 1,
+    devices: Sequence[Any] | None = None,
+    donate: bool = True,
+):
+    """``step(state, params, batch) -> (state, loss)`` under ``jax.pmap`` (data parallel).
+
+    ``state`` is replicated with a leading device axis (:func:`replicate`), ``params`` is a
+    broadcast argument (``in_axes=None``: pass the same tree as for :func:`jit_step`; place it
+    once with :func:`replicate_params` to avoid a transfer per call) and ``batch`` has a leading
+    device axis (:func:`split_batch`). Gradients and the loss are ``pmean``-ed over
+    ``axis_name``; each device's dropout key is ``fold_in(fold_in(rng, step), device_index)``.
+    The returned loss is replicated: read ``loss[0]``.
+    """
+    _check_accumulate(accumulate)
+
+    def step(state: TrainState, params, batch):
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(axis_name))
+        value, grads = _value_and_grad(loss, state.adapter, params, batch, key, accumulate)
+        grads = jax.lax.pmean(grads, axis_name)
+        value = jax.lax.pmean(value, axis_name)
+        return _update(optimizer, state, grads), value
+
+    return jax.pmap(
+        step,
+        axis_name=axis_name,
+        in_axes=(0, None, 0),
+        devices=devices,
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
+    """Each leaf stacked once per device (leading axis), one copy on each device (for pmap)."""
+    devices = list(devices or jax.local_devices())
+    mesh = Mesh(np.array(devices), ("replica",))
+
+    def put(x):
+        x = jnp.asarray(x)
+        sharding = NamedSharding(mesh, P("replica"))
+        pieces = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, pieces)
+
+    return jax.tree.map(put, tree)
+
+
+def replicate_params(params: Any, devices: Sequence[Any] | None = None) -> Any:
+    """``params`` placed once, whole, on every device (a replicated sharding, no leading axis)."""
+    devices = list(devices or jax.local_devices())
+    return jax.device_put(params, NamedSharding(Mesh(np.array(devices), ("replica",)), P()))
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of each leaf of a replicated tree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def split_batch(batch: Any, n_devices: int | None = None) -> Any:
+    """``(B, ...)`` leaves → ``(n_devices, B/n_devices, ...)`` (device ``d`` gets consecutive rows)."""
+    n = n_devices or jax.local_device_count()
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"the batch size {x.shape[0]} is not divisible by the {n} devices.")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+# --- Mesh / NamedSharding -------------------------------------------------------------------
+
+# Megatron-style tensor parallelism: column-parallel kernels shard their out axis, row-parallel
+# kernels their in axis (paths of the transformers Flax GPT-2, Llama and BERT families).
+COLUMN_PARALLEL = (
+    r"(^|/)(attn/c_attn|mlp/c_fc)/kernel$",
+    r"(^|/)(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel$",
+    r"(^|/)(attention/self/(query|key|value)|intermediate/dense)/kernel$",
+)
+ROW_PARALLEL = (
+    r"(^|/)(attn|mlp)/c_proj/kernel$",
+    r"(^|/)(self_attn/o_proj|mlp/down_proj)/kernel$",
+    r"(^|/)(attention/output/dense|layer/\d+/output/dense)/kernel$",
+)
+PARAM_RULE_PRESETS = ("replicated", "fsdp", "tensor")
+
+
+def _spec_tuple(spec: Any, ndim: int) -> tuple:
+    spec = tuple(spec) if spec is not None else ()
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names if n is not None)
+
+
+def _check_spec(path: str, shape: tuple, spec: tuple, mesh: Mesh) -> None:
+    if len(spec) > len(shape):
+        raise ValueError(f"sharding rule for {path!r} has {len(spec)} entries {P(*spec)} but the leaf is {shape}.")
+    for dim, entry in zip(shape, spec):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        unknown = [n for n in names if n is not None and n not in mesh.shape]
+        if unknown:
+            raise ValueError(
+                f"sharding rule for {path!r} names mesh axes {unknown} but the mesh has "
+                f"{dict(mesh.shape)}; use those axis names."
+            )
+        if dim % _axis_size(mesh, entry):
+            raise ValueError(
+                f"sharding rule {P(*spec)} for {path!r} of shape {shape} splits a dimension of "
+                f"{dim} over {_axis_size(mesh, entry)} devices, which does not divide it; change "
+                "the rule or the mesh."
+            )
+
+
+def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_axis: str = "data") -> Any:
+    """A ``PartitionSpec`` per frozen leaf, from user rules or a preset.
+
+    Args:
+      params: the frozen tree (arrays or ``ShapeDtypeStruct``).
+      mesh: the device mesh.
+      rules: ``None``/``"replicated"``; ``"fsdp"`` (the largest axis the mesh's ``"fsdp"`` axis, or
+        ``data_axis``, divides, of every leaf with >= 2 dims, is sharded over it); ``"tensor"``
+        (Megatron: column-parallel kernels split their out axes over ``"model"``, row-parallel
+        kernels their in axes; everything else replicated); or ``{regex: PartitionSpec}`` (first
+        match wins, unmatched leaves replicated).
+      layouts: extra ``(regex, layout)`` pairs for the ``"tensor"`` preset (as a method's).
+    """
+    leaves = named_leaves(params)
+    specs: dict[str, tuple] = {}
+    if rules is None or rules == "replicated":
+        specs = {p: () for p, _ in leaves}
+    elif rules == "fsdp":
+        axis = "fsdp" if "fsdp" in mesh.shape else data_axis
+        size = mesh.shape[axis]
+        for path, leaf in leaves:
+            spec = [None] * len(leaf.shape)
+            if len(leaf.shape) >= 2:
+                order = sorted(range(len(leaf.shape)), key=lambda i: -leaf.shape[i])
+                fit = [i for i in order if leaf.shape[i] % size == 0]
+                if fit:
+                    spec[fit[0]] = axis
+            specs[path] = tuple(spec)
+    elif rules == "tensor":
+        if "model" not in mesh.shape:
+            raise ValueError(f"`rules`='tensor' shards over a mesh axis 'model'; the mesh has {dict(mesh.shape)}.")
+        specs = {p: () for p, _ in leaves}
+        for patterns, group in ((COLUMN_PARALLEL, "out"), (ROW_PARALLEL, "in")):
+            for target in select(params, patterns, layouts=layouts, require=False):
+                layout = target.layout
+                spec = [None] * layout.ndim
+                first_in = layout.n_stack + (layout.n_out if layout.out_first else 0)
+                first_out = layout.n_stack + (0 if layout.out_first else layout.n_in)
+                spec[first_out if group == "out" else first_in] = "model"
+                specs[target.path] = tuple(spec)
+                bias = target.path.rsplit("/", 1)[0] + "/bias"
+                if group == "out" and bias in specs:
+                    specs[bias] = ("model",)
+    elif isinstance(rules, (Mapping, list, tuple)):
+        pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+        for path, leaf in leaves:
+            spec = first_match(path, pairs)
+            specs[path] = () if spec is None else tuple(spec)
+    else:
+        raise ValueError(
+            f"`rules` must be one of {list(PARAM_RULE_PRESETS)} or a {{regex: PartitionSpec}} mapping, got {rules!r}."
+        )
+    out = {}
+    for path, leaf in leaves:
+        spec = specs[path]
+        _check_spec(path, tuple(leaf.shape), spec, mesh)
+        out[path] = P(*spec)
+    return _like(params, out)
+
+
+def _like(tree: Any, by_path: dict[str, Any]) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda kp, _: by_path[path_str(kp)], tree)
+
+
+def _group_spec(specs: tuple) -> Any:
+    """The spec of a flattened axis group: its first axis's spec if only that one is sharded."""
+    if all(s is None for s in specs[1:]):
+        return specs[0] if specs else None
+    return None  # an inner axis is sharded: not expressible on the flattened axis; replicate
+
+
+def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any = None) -> Any:
+    """A ``PartitionSpec`` per adapter leaf, inherited from the kernel each entry adapts.
+
+    ``LoraFactors``: ``A: (*stack, in, r)`` gets the kernel's stack specs and its in-axis spec,
+    ``B: (*stack, r, out)`` the stack specs and the out-axis spec (a 2-D ``(in, out)`` kernel
+    ``P('x', 'y')`` gives ``A: P('x', None)``, ``B: P(None, 'y')``; GPT-2's ``(out, in)`` Conv1D
+    is read through its layout). ``Trainable`` copies its leaf's spec. TT cores and bottleneck
+    adapters are small and replicated.
+    """
+    if adapter is None:
+        adapter = adapter_shapes(method, params)
+    kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
+    layouts = getattr(method, "layouts", ())
+    low_rank = [p for p, e in entries(adapter).items() if isinstance(e, LoraFactors)]
+    targets = {t.path: t for t in select(params, [f"^{re.escape(p)}$" for p in low_rank], layouts=layouts, require=False)}
+
+    def spec_of(keypath, entry):
+        path = path_str(keypath)
+        if isinstance(entry, LoraFactors) and path in targets:
+            layout = targets[path].layout
+            spec = _spec_tuple(kernel_specs.get(path), layout.ndim)
+            stack, body = spec[: layout.n_stack], spec[layout.n_stack :]
+            ins, outs = (body[layout.n_out :], body[: layout.n_out]) if layout.out_first else (body[: layout.n_in], body[layout.n_in :])
+            a_spec = P(*stack, _group_spec(ins), None)
+            b_spec = P(*stack, None, _group_spec(outs))
+            return LoraFactors(a_spec, b_spec, scale=entry.scale)
+        if isinstance(entry, Trainable):
+            return Trainable(kernel_specs.get(path, P()))
+        return jax.tree.map(lambda _: P(), entry)
+
+    return jax.tree_util.tree_map_with_path(spec_of, adapter, is_leaf=is_entry)
+
+
+class MeshStep(NamedTuple):
+    """A jitted Mesh step and the shardings its arguments must (and its outputs will) have."""
+
+    step: Callable
+    params_sharding: Any
+    state_sharding: Any
+    batch_sharding: NamedSharding
+
+    def put_params(self, params):
+        return jax.device_put(params, self.params_sharding)
+
+    def put_state(self, state):
+        return jax.device_put(state, self.state_sharding)
+
+    def put_batch(self, batch):
+        return jax.device_put(batch, self.batch_sharding)
+
+
+def mesh_step(
+    loss,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    method: Any,
+    params: Any,
+    rules: Any = None,
+    data_axis: str = "data",
+    accumulate: int = 1,
+    donate: bool = True,
+) -> MeshStep:
+    """A jit step over a ``Mesh``: batch sharded over ``data_axis``, params by ``rules``.
+
+    The adapter's shardings follow its kernels (:func:`adapter_specs`); the optimizer state's
+    param-shaped parts follow the adapter (``optax.tree_utils.tree_map_params``), its counters are
+    replicated. Under ``jax_threefry_partitionable`` (on by default) dropout bits are drawn for
+    the global batch, so each device gets its own mask and the result equals the single-device
+    step's.
+
+    Args:
+      loss, optimizer, accumulate, donate: as :func:`jit_step`.
+      mesh: a ``jax.sharding.Mesh`` that has ``data_axis``.
+      method, params: the method and frozen params (shapes suffice) the shardings derive from.
+      rules: frozen-weight sharding (see :func:`param_specs`).
+
+    Returns:
+      :class:`MeshStep` ``(step, params_sharding, state_sharding, batch_sharding)`` with helpers
+      ``put_params``, ``put_state``, ``put_batch``.
+    """
+    _check_accumulate(accumulate)
+    if data_axis not in mesh.shape:
+        raise ValueError(f"`data_axis`={data_axis!r} is not an axis of the mesh {dict(mesh.shape)}.")
+    named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    p_specs = param_specs(params, mesh, rules, layouts=getattr(method, "layouts", ()), data_axis=data_axis)
+    adapter = adapter_shapes(method, params)
+    a_specs = adapter_specs(method, params, p_specs, adapter)
+    opt_shapes = jax.eval_shape(optimizer.init, adapter)
+    o_specs = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, spec: spec, opt_shapes, a_specs, transform_non_params=lambda _: P(), is_leaf=is_spec
+    )
+    state_specs = TrainState(a_specs, o_specs, P(), P())
+    state_sharding = jax.tree.map(named, state_specs, is_leaf=is_spec)
+    params_sharding = jax.tree.map(named, p_specs, is_leaf=is_spec)
+    batch_sharding = named(P(data_axis))
+    replicated = named(P())
+
+    def constrain(micro):
+        return jax.lax.with_sharding_constraint(micro, named(P(None, data_axis)))
+
+    def step(state: TrainState, params, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        value, grads = _value_and_grad(loss, state.adapter, params, batch, key, accumulate, constrain)
+        return _update(optimizer, state, grads), value
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sharding, params_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,) if donate else (),
+    )
+    return MeshStep(jitted, params_sharding, state_sharding, batch_sharding)
