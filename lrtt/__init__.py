@@ -42,6 +42,7 @@ from lrtt._lora import LoRA as LoRA
 from lrtt._loretta_adp import LorettaAdp as LorettaAdp
 from lrtt._loretta_rep import LorettaRep as LorettaRep
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
+from lrtt._peft import load_peft as load_peft, save_peft as save_peft
 from lrtt._targets import Layout as Layout, TARGET_PRESETS as TARGET_PRESETS, select as select
 
 __version__ = "0.1.0"
@@ -69,11 +70,13 @@ __all__ = [
     "export_merged",
     "factored",
     "load_merged",
+    "load_peft",
     "merge",
     "num_params",
     "optim",
     "parameter_table",
     "print_trainable_parameters",
+    "save_peft",
     "select",
     "train",
     "tt",
