@@ -38,6 +38,7 @@ from lrtt._count import (
 )
 from lrtt._export import export_merged as export_merged, load_merged as load_merged
 from lrtt._factored import factored as factored
+from lrtt._full import FullFineTune as FullFineTune
 from lrtt._lora import LoRA as LoRA
 from lrtt._loretta_adp import LorettaAdp as LorettaAdp
 from lrtt._loretta_rep import LorettaRep as LorettaRep
@@ -54,6 +55,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointManager",
     "CheckpointMismatchError",
+    "FullFineTune",
     "Layout",
     "LoRA",
     "LoraFactors",

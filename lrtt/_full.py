@@ -1,0 +1,44 @@
+"""Full fine-tuning expressed as a method: every leaf (or those matching ``trainable``) trains.
+
+It exists so that the baseline every PEFT method is compared with runs through the same
+steps, checkpoints, export and tables as the adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lrtt._method import freeze_patterns, to_config, trainable_copies
+from lrtt._paths import nest
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FullFineTune:
+    """Train the params themselves: the adapter is a ``Trainable`` copy of each selected leaf.
+
+    Args:
+      trainable: regexes of the leaves that train (default: all of them).
+    """
+
+    trainable: str | Sequence[str] = ".*"
+    param_dtype: Any = jnp.float32
+
+    mergeable = True
+    layouts = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
+
+    def plan(self, params: Any) -> tuple:
+        return ()
+
+    def init(self, key: jax.Array, params: Any) -> dict:
+        del key
+        return nest(trainable_copies(params, self.trainable, exclude=set()))
+
+    def to_config(self) -> dict:
+        return to_config(self)

@@ -1,0 +1,252 @@
+"""The CLI's jobs: train (with resume), evaluate, export and count, from a :class:`RunConfig`.
+
+Outputs of a run go under ``output.dir``: ``checkpoints/`` (Orbax, adapter + optimizer state
+only), ``metrics.jsonl`` (one JSON object per logged step or evaluation), ``curves.png``,
+``summary.json`` and ``merged/`` (the export).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrtt._config import ConfigError, RunConfig
+from lrtt._count import num_params
+from lrtt._full import FullFineTune
+from lrtt._lora import LoRA
+from lrtt._loretta_adp import LorettaAdp
+from lrtt._loretta_rep import LorettaRep
+from lrtt._tasks import Task, build_task, summarize
+
+METHOD_CLASSES = {"full": FullFineTune, "lora": LoRA, "loretta_rep": LorettaRep, "loretta_adp": LorettaAdp}
+
+
+def build_method(config: RunConfig) -> Any:
+    """The method of ``config.method`` (``name`` plus the class's keyword arguments)."""
+    import dataclasses
+
+    options = {k: v for k, v in config.method.items() if k != "name"}
+    cls = METHOD_CLASSES[config.method_name]
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "param_dtype"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {['method.' + k for k in unknown]} for method `{config.method_name}` "
+            f"({cls.__name__}); allowed: {', '.join(allowed)}."
+        )
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method `{config.method_name}`: {err}") from None
+
+
+def _batch_iterator(arrays: dict, batch_size: int, seed: int, position: tuple[int, int]):
+    """Endless shuffled batches from ``position = (epoch, index)``; yields (batch, next position)."""
+    from lrtt._data import batches, num_batches
+
+    n = len(next(iter(arrays.values())))
+    per_epoch = num_batches(n, batch_size)
+    if per_epoch == 0:
+        raise ConfigError(f"`train.batch_size`={batch_size} is larger than the {n} training examples.")
+    epoch, index = position
+    while True:
+        for batch in batches(arrays, batch_size, seed=seed, epoch=epoch, start=index):
+            index += 1
+            if index == per_epoch:
+                epoch, index = epoch + 1, 0
+            yield batch, (epoch, index)
+
+
+def evaluate_split(task: Task, method: Any, adapter: Any, split: str, batch_size: int) -> dict[str, float]:
+    """Average metrics of the adapted model over a whole split (no dropout)."""
+    import lrtt
+
+    arrays = task.splits[split]
+    n = len(next(iter(arrays.values())))
+    if method.mergeable:
+        forward = jax.jit(lambda params, batch: task.metrics(task.apply(params, batch, None), batch))
+        evaluated = lrtt.merge(method, task.params, adapter)
+        run = lambda batch: forward(evaluated, batch)  # noqa: E731
+    else:
+        factored_apply = lrtt.factored(task.apply)
+        forward = jax.jit(
+            lambda adapter, params, batch: task.metrics(
+                factored_apply(lrtt.wrap(method, params, adapter), batch, None), batch
+            )
+        )
+        run = lambda batch: forward(adapter, task.params, batch)  # noqa: E731
+    sums: dict[str, list] = {}
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        for name, (total, count) in run(batch).items():
+            entry = sums.setdefault(name, [0.0, 0])
+            entry[0] += float(total)
+            entry[1] += int(count)
+    return summarize({k: tuple(v) for k, v in sums.items()})
+
+
+def _log(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
+    """Training loss and validation metrics against step, from ``metrics.jsonl``, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional: the metrics stay in metrics.jsonl
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        axes[0].plot(*zip(*train), label="train loss")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+        key = "accuracy" if "accuracy" in evals[0] else "perplexity"
+        axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color="C2")
+        axes[1].set_ylabel(f"validation {key}")
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def count_table(task_params: Any, method: Any, config: RunConfig) -> str:
+    """The method next to LoRA r=8 on q,v and full fine-tuning, from shapes only."""
+    import lrtt
+
+    comparison = [method]
+    if not isinstance(method, LoRA):
+        comparison.append(LoRA(rank=8, targets="qv", trainable=getattr(method, "trainable", None) or None))
+    comparison = [m for m in comparison if not isinstance(m, FullFineTune)]
+    return lrtt.parameter_table(lrtt._count.abstract(task_params), comparison)
+
+
+def train(config: RunConfig, *, progress: bool = True) -> dict:
+    """Train (or resume) the run of ``config``; returns the final summary."""
+    import lrtt
+    from tqdm.auto import tqdm
+
+    out = Path(config.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    method = build_method(config)
+    task = build_task(config)
+    params = task.params
+    adapter = method.init(jax.random.key(config.train.seed), params)
+    optimizer = lrtt.train.adamw(
+        config.train.lr,
+        warmup=min(config.train.warmup, config.train.steps // 2),  # short runs: warmup capped at half
+        total=config.train.steps + 1,
+        weight_decay=config.train.weight_decay,
+    )
+    state = lrtt.train.init_state(adapter, optimizer, rng=config.train.seed)
+    forward = config.train.forward if method.mergeable else "factored"
+    loss = lrtt.train.make_loss(method, task.apply, task.loss, forward=forward)
+    step_fn = lrtt.train.jit_step(loss, optimizer, accumulate=config.train.accumulate)
+
+    manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
+    position = (0, 0)
+    if manager.latest_step() is not None:
+        restored = manager.restore(adapter_like=state.adapter, opt_state_like=state.opt_state)
+        state = lrtt.train.TrainState(restored.adapter, restored.opt_state, jnp.asarray(restored.step, jnp.int32), restored.rng)
+        position = (restored.data_position["epoch"], restored.data_position["index"])
+        print(f"resuming {out} from step {restored.step}")
+    metrics_path = out / "metrics.jsonl"
+    step = int(state.step)
+    started = time.perf_counter()
+    data = _batch_iterator(task.splits["train"], config.train.batch_size, config.data.seed, position)
+    bar = tqdm(total=config.train.steps, initial=step, disable=not progress, desc=f"{config.method_name}", unit="step")
+    while step < config.train.steps:
+        batch, position = next(data)
+        state, loss_value = step_fn(state, params, batch)
+        step += 1
+        loss_value = float(loss_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        _log(metrics_path, {"kind": "train", "step": step, "loss": loss_value, "time": time.perf_counter() - started})
+        if step % config.train.eval_every == 0 or step == config.train.steps:
+            result = evaluate_split(task, method, state.adapter, "validation", config.train.eval_batch_size)
+            _log(metrics_path, {"kind": "eval", "split": "validation", "step": step, **result})
+            bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if step % config.output.save_every == 0 or step == config.train.steps:
+            manager.save(step, state.adapter, state.opt_state, data_position={"epoch": position[0], "index": position[1]}, rng=state.rng)
+    bar.close()
+    manager.wait()
+    elapsed = time.perf_counter() - started
+
+    test = evaluate_split(task, method, state.adapter, "test", config.train.eval_batch_size)
+    summary = {
+        "config": config.to_dict(),
+        "method": method.to_config(),
+        "trainable_params": num_params(state.adapter),
+        "base_params": num_params(params),
+        "test": test,
+        "train_seconds": elapsed,
+        "steps": step,
+    }
+    if config.output.export and method.mergeable:
+        summary["export"] = str(export(config, method=method, task=task, adapter=state.adapter))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(metrics_path, out / "curves.png")
+    print()
+    print(count_table(params, method, config))
+    print()
+    headline = task.headline
+    print(f"held-out test {headline}: {test[headline]:.4f}   (test loss {test['loss']:.4f}, {len(next(iter(task.splits['test'].values())))} examples)")
+    print(f"trainable parameters: {summary['trainable_params']:,} of {summary['base_params']:,} ({100 * summary['trainable_params'] / summary['base_params']:.3f}%)")
+    print(f"training time this session: {elapsed:.1f} s; outputs in {out}/")
+    if "export" in summary:
+        print(f"merged export (zero inference overhead): {summary['export']}")
+    elif config.output.export:
+        print(f"no merged export: {type(method).__name__} is not mergeable (non-linear adapters)")
+    return summary
+
+
+def _restore_adapter(config: RunConfig, method: Any, task: Task) -> Any:
+    import lrtt
+
+    adapter_like = lrtt.adapter_shapes(method, task.params)
+    manager = lrtt.CheckpointManager(Path(config.output.dir) / "checkpoints", method)
+    if manager.latest_step() is None:
+        raise ConfigError(
+            f"no checkpoint under {config.output.dir}/checkpoints; run `lrtt train` with this config first."
+        )
+    return manager.restore(adapter_like=adapter_like).adapter
+
+
+def evaluate(config: RunConfig, split: str = "test") -> dict:
+    """Metrics of the latest checkpoint of the run on ``split``."""
+    method = build_method(config)
+    task = build_task(config)
+    if split not in task.splits:
+        raise ConfigError(f"`split` must be one of {sorted(task.splits)}, got {split!r}.")
+    adapter = _restore_adapter(config, method, task)
+    return evaluate_split(task, method, adapter, split, config.train.eval_batch_size)
+
+
+def export(config: RunConfig, *, out: str | None = None, method=None, task=None, adapter=None) -> Path:
+    """Write the merged params of the run as a transformers ``save_pretrained`` directory."""
+    import lrtt
+
+    method = method or build_method(config)
+    task = task or build_task(config)
+    if adapter is None:
+        adapter = _restore_adapter(config, method, task)
+    path = Path(out or Path(config.output.dir) / "merged")
+    lrtt.export_merged(method, task.params, adapter, path, model=task.model)
+    return path

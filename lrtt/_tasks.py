@@ -1,0 +1,109 @@
+"""The two real tasks the CLI runs: MiniLM topic classification and SmolLM2 language modelling.
+
+A task bundles the model, the frozen params, tokenized BBC News splits and three pure
+functions: ``apply(params, batch, rng) -> outputs``, ``loss(outputs, batch) -> scalar`` and
+``metrics(outputs, batch) -> {name: (sum, count)}`` (summed over a batch, so evaluation can
+average over any number of batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrtt._config import RunConfig
+
+
+@dataclasses.dataclass
+class Task:
+    name: str  # "classification" | "lm"
+    model: Any
+    params: Any
+    splits: dict[str, dict[str, np.ndarray]]
+    apply: Callable
+    loss: Callable
+    metrics: Callable
+    headline: str  # the metric reported at the end ("accuracy" | "perplexity")
+
+
+def _cross_entropy(logits, labels):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+
+
+def _limit(arrays: dict[str, np.ndarray], limit: int | None) -> dict[str, np.ndarray]:
+    return arrays if limit is None else {k: v[:limit] for k, v in arrays.items()}
+
+
+def classification_task(config: RunConfig) -> Task:
+    """all-MiniLM-L6-v2 with a fresh 5-way head on BBC News topics."""
+    from lrtt._data import BBC_CLASSES, bbc_news, encode_classification
+    from lrtt._zoo import load_minilm
+
+    model, tokenizer = load_minilm(num_labels=len(BBC_CLASSES), seed=config.train.seed)
+    raw = bbc_news(seed=config.data.seed)
+    splits = {name: encode_classification(tokenizer, examples, config.data.max_len) for name, examples in raw.items()}
+    splits["train"] = _limit(splits["train"], config.data.train_limit)
+    for name in ("validation", "test"):
+        splits[name] = _limit(splits[name], config.data.eval_limit)
+
+    def apply(params, batch, rng):
+        del rng  # the frozen model runs deterministically; adapter dropout is the method's
+        return model(batch["input_ids"], batch["attention_mask"], params=params, train=False).logits
+
+    def loss(logits, batch):
+        return _cross_entropy(logits, batch["labels"]).mean()
+
+    def metrics(logits, batch):
+        correct = (jnp.argmax(logits, -1) == batch["labels"]).sum()
+        n = batch["labels"].shape[0]
+        return {"accuracy": (correct, n), "loss": (_cross_entropy(logits, batch["labels"]).sum(), n)}
+
+    return Task("classification", model, model.params, splits, apply, loss, metrics, "accuracy")
+
+
+def lm_task(config: RunConfig) -> Task:
+    """SmolLM2-135M-Instruct, next-token loss on BBC News text blocks of ``max_len`` tokens."""
+    from lrtt._data import bbc_news, lm_blocks
+    from lrtt._zoo import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    raw = bbc_news(seed=config.data.seed)
+    splits = {}
+    for name, examples in raw.items():
+        blocks = lm_blocks(tokenizer, [text for text, _ in examples], config.data.max_len)
+        limit = config.data.train_limit if name == "train" else config.data.eval_limit
+        splits[name] = {"input_ids": blocks if limit is None else blocks[:limit]}
+
+    def apply(params, batch, rng):
+        del rng
+        return model(batch["input_ids"], params=params, train=False).logits
+
+    def token_losses(logits, batch):
+        ids = batch["input_ids"]
+        return _cross_entropy(logits[:, :-1], ids[:, 1:])
+
+    def loss(logits, batch):
+        return token_losses(logits, batch).mean()
+
+    def metrics(logits, batch):
+        losses = token_losses(logits, batch)
+        return {"loss": (losses.sum(), losses.size)}
+
+    return Task("lm", model, model.params, splits, apply, loss, metrics, "perplexity")
+
+
+def build_task(config: RunConfig) -> Task:
+    return classification_task(config) if config.model == "minilm" else lm_task(config)
+
+
+def summarize(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Averages of summed metrics, plus perplexity = exp(mean token loss) for a language model."""
+    out = {name: float(total) / max(int(count), 1) for name, (total, count) in sums.items()}
+    if "accuracy" not in out and "loss" in out:
+        out["perplexity"] = float(np.exp(out["loss"]))
+    return out

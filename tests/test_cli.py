@@ -1,0 +1,78 @@
+"""The CLI on real weights: MiniLM + LorettaRep on BBC News, a few steps, resume, eval, export."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from lrtt import cli
+
+SMALL = [
+    "--set", "data.max_len=32", "--set", "data.train_limit=16", "--set", "data.eval_limit=16",
+    "--set", "train.batch_size=8", "--set", "train.lr=2e-2", "--set", "train.warmup=0",
+    "--set", "train.eval_every=4", "--set", "output.save_every=4", "--set", "train.eval_batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    args = ["train", "configs/minilm_bbc_loretta_rep.yaml", "--no-progress", *SMALL, "--set", f"output.dir={out}"]
+    assert cli.main([*args, "--set", "train.steps=6"]) == 0
+    assert cli.main([*args, "--set", "train.steps=10"]) == 0  # resumes from step 6
+    return out
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_logs_decreasing_loss_and_resumes(run_dir, capsys):
+    records = _records(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 11))  # 6 steps, then 4 more after resume
+    first, last = np.mean([r["loss"] for r in train[:2]]), np.mean([r["loss"] for r in train[-2:]])
+    assert last < first - 0.1, (first, last)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 6, 8, 10]
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 10
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["trainable_params"] < 20_000
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+    assert (run_dir / "curves.png").stat().st_size > 1000
+
+
+def test_eval_and_export_agree(run_dir, capsys):
+    from transformers import FlaxBertForSequenceClassification
+
+    args = ["configs/minilm_bbc_loretta_rep.yaml", *SMALL, "--set", f"output.dir={run_dir}"]
+    assert cli.main(["eval", *args]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    merged = FlaxBertForSequenceClassification.from_pretrained(run_dir / "merged")
+    from lrtt import _config, _job, _tasks
+
+    config = _config.load("configs/minilm_bbc_loretta_rep.yaml", [*SMALL[1::2], f"output.dir={run_dir}"])
+    task = _tasks.build_task(config)
+    batch = {k: v[:4] for k, v in task.splits["test"].items()}
+    exported = merged(batch["input_ids"], batch["attention_mask"], params=merged.params).logits
+    import lrtt
+
+    method = _job.build_method(config)
+    adapter = _job._restore_adapter(config, method, task)
+    factored = lrtt.factored(task.apply)(lrtt.wrap(method, task.params, adapter), batch, None)
+    np.testing.assert_allclose(exported, factored, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_errors_are_reported_not_raised(capsys):
+    assert cli.main(["train", "configs/minilm_bbc_loretta_rep.yaml", "--set", "train.stepz=3"]) == 2
+    assert "did you mean `steps`" in capsys.readouterr().err
+    assert cli.main(["count", "configs/minilm_bbc_lora.yaml", "--set", "method.rnk=3"]) == 2
+    assert "unknown key(s) ['method.rnk']" in capsys.readouterr().err
+
+
+def test_count_prints_the_method_next_to_lora_and_full(capsys):
+    assert cli.main(["count", "configs/minilm_bbc_loretta_rep.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "LorettaRep(rank=8, tt_rank=5)" in out and "LoRA(rank=8)" in out and "full fine-tune" in out
