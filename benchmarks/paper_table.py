@@ -91,10 +91,10 @@ def lm_table(args) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="training steps per MiniLM run")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per MiniLM run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-len", type=int, default=64, help="tokens per BBC article for MiniLM")
-    parser.add_argument("--lm-steps", type=int, default=60)
+    parser.add_argument("--lm-steps", type=int, default=30)
     parser.add_argument("--skip-lm", action="store_true")
     parser.add_argument("--skip-classification", action="store_true")
     args = parser.parse_args()
