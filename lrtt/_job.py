@@ -129,10 +129,11 @@ def count_table(task_params: Any, method: Any, config: RunConfig) -> str:
     """The method next to LoRA r=8 on q,v and full fine-tuning, from shapes only."""
     import lrtt
 
+    if isinstance(method, FullFineTune):  # the table's first row is full fine-tuning already
+        return lrtt.parameter_table(lrtt._count.abstract(task_params), [LoRA(rank=8, targets="qv")])
     comparison = [method]
-    if not isinstance(method, LoRA):
-        comparison.append(LoRA(rank=8, targets="qv", trainable=getattr(method, "trainable", None) or None))
-    comparison = [m for m in comparison if not isinstance(m, FullFineTune)]
+    if not isinstance(method, LoRA):  # LoRA r=8 on q, v with the same leaves trained in full
+        comparison.append(LoRA(rank=8, targets="qv", trainable=method.trainable or None))
     return lrtt.parameter_table(lrtt._count.abstract(task_params), comparison)
 
 

@@ -76,3 +76,12 @@ def test_count_prints_the_method_next_to_lora_and_full(capsys):
     assert cli.main(["count", "configs/minilm_bbc_loretta_rep.yaml"]) == 0
     out = capsys.readouterr().out
     assert "LorettaRep(rank=8, tt_rank=5)" in out and "LoRA(rank=8)" in out and "full fine-tune" in out
+
+
+def test_count_of_full_fine_tuning_compares_with_plain_lora(capsys):
+    assert cli.main(["count", "configs/minilm_bbc_full.yaml"]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"LoRA\(rank=8\)\s+73,728\s", out)  # 6 layers x (q, v) x 8·(384 + 384)
+    assert re.search(r"full fine-tune\s+22,715,141\s", out)
