@@ -426,7 +426,7 @@ def _dot_general(ctx, eqn, invals):
     use = ctx.use(view.meta.path) if "key" in parts else 0
     branch = functools.partial(
         low_rank_branch, plan, view.meta, dtype, precision, eqn.params.get("preferred_element_type"), use)
-    return [base + batched(branch, x_front, parts).astype(base.dtype)]
+    return [batched(branch, base, x_front, parts)]
 
 
 RULES: dict[str, Callable] = {

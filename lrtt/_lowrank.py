@@ -1,10 +1,17 @@
 """The skinny products of factored execution, with backward passes laid out for speed.
 
-``low_rank(x, a, b)`` is ``scale · (x @ a) @ b`` on 2-D views (``x: (m, k)``, ``a: (k, r)``,
-``b: (r, n)``) with a hand-written VJP. Autodiff of the plain expression would produce the factor
-gradient ``dA = xᵀ·g`` as an ``(k, r)`` product; on XLA CPU a skinny product is several times
-faster when its long side is the *last* axis of the result (DESIGN.md §7), so the VJP forms
-``dAᵀ = gᵀ·x: (r, k)`` and transposes the small result. ``dB = tᵀ·g`` is ``(r, n)`` already.
+``low_rank_add(base, x, a, b)`` is ``base + scale·(x @ a) @ b`` on 2-D views (``x: (m, k)``,
+``a: (k, r)``, ``b: (r, n)``, ``base: (m, n)`` the model's own ``x @ W0``) with a hand-written
+VJP. Two layouts matter on XLA CPU (measured on GPT-2-small layers, see docs/factored.md):
+
+* a skinny product is several times faster when its long side is the *last* axis of the result
+  (DESIGN.md §7): the VJP forms ``dB = tᵀ·g: (r, n)`` and ``dAᵀ = gtᵀ·x: (r, k)``, the latter
+  behind an ``optimization_barrier`` so that XLA cannot fold the small transpose back into the
+  product (which would bring back the slow ``(k, r)`` orientation);
+* for ``r <= UNROLL_MAX_RANK`` the rank-``r`` products ``t @ b: (m, n)`` (forward) and
+  ``gt @ aᵀ: (m, k)`` (backward) are written as ``r`` broadcast multiply-adds, which XLA fuses
+  with the add of the base product (forward) or of the base's input gradient (backward): one
+  pass over the ``(m, n)`` / ``(m, k)`` arrays instead of a product, then an add.
 
 ``bottleneck(h, down, d, up, u)`` is LoRETTA_adp's ``f(h) = s·(act(h @ D + d) @ U + u)``.
 
@@ -24,6 +31,7 @@ from jax import lax
 
 from lrtt._adapter import ACTIVATIONS
 
+UNROLL_MAX_RANK = 16
 _MM = (((1,), (0,)), ((), ()))  # (m, k) · (k, n): contract the last axis of lhs with the first of rhs
 _TN = (((0,), (0,)), ((), ()))  # (m, k)ᵀ · (m, n): contract the leading axes
 _NT = (((1,), (1,)), ((), ()))  # (m, k) · (n, k)ᵀ: contract the trailing axes
@@ -33,46 +41,60 @@ def _dot(lhs, rhs, dims, precision, preferred):
     return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=preferred)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def low_rank(x, a, b, scale, precision=None, preferred=None):
-    """``scale · (x @ a) @ b`` for ``x: (m, k)``, ``a: (k, r)``, ``b: (r, n)`` → ``(m, n)``.
+def _rank_r(u, v, precision, preferred):
+    """``u @ v`` for ``u: (m, r)``, ``v: (r, n)``: unrolled multiply-adds for a small ``r``."""
+    r = u.shape[1]
+    if r > UNROLL_MAX_RANK:
+        return _dot(u, v, _MM, precision, preferred)
+    dtype = jnp.promote_types(u.dtype, v.dtype)
+    if preferred is not None:  # (a numpy dtype is falsy: compare with None)
+        dtype = jnp.promote_types(dtype, preferred)
+    u, v = u.astype(dtype), v.astype(dtype)
+    out = u[:, 0:1] * v[0:1, :]
+    for j in range(1, r):
+        out = out + u[:, j:j + 1] * v[j:j + 1, :]
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def low_rank_add(base, x, a, b, scale, precision=None, preferred=None):
+    """``base + scale · (x @ a) @ b`` for ``x: (m, k)``, ``a: (k, r)``, ``b: (r, n)``.
 
     Args:
+      base: ``(m, n)``, the model's product ``x @ W0`` (its gradient is the output's).
       x: the activations, leading axes already flattened.
       a, b: the factors, already in the activations' compute dtype.
       scale: a Python float (static).
-      precision, preferred: passed to both ``lax.dot_general`` calls, as in the model's own dot.
+      precision, preferred: passed to the products, as in the model's own dot.
     """
-    return _forward(x, a, b, scale, precision, preferred)[0]
+    return _forward(base, x, a, b, scale, precision, preferred)[0]
 
 
-def _forward(x, a, b, scale, precision, preferred):
+def _forward(base, x, a, b, scale, precision, preferred):
     t = _dot(x, a, _MM, precision, preferred).astype(x.dtype)
     if scale != 1.0:
         t = t * jnp.asarray(scale, t.dtype)
-    return _dot(t, b, _MM, precision, preferred), t
+    return base + _rank_r(t, b, precision, preferred).astype(base.dtype), t
 
 
-def _low_rank_fwd(x, a, b, scale, precision, preferred):
-    y, t = _forward(x, a, b, scale, precision, preferred)
+def _low_rank_fwd(base, x, a, b, scale, precision, preferred):
+    y, t = _forward(base, x, a, b, scale, precision, preferred)
     return y, (x, a, b, t)
 
 
 def _low_rank_bwd(scale, precision, preferred, residuals, g):
     x, a, b, t = residuals  # t = scale·x·a
-    g = g.astype(x.dtype)
-    gt = _dot(g, b, _NT, precision, None)  # (m, r) = s·g·bᵀ
+    gx = g.astype(x.dtype)
+    gt = _dot(gx, b, _NT, precision, None)  # (m, r) = s·g·bᵀ
     if scale != 1.0:
         gt = gt * jnp.asarray(scale, gt.dtype)
-    db = _dot(t, g, _TN, precision, None)  # (r, n) = (s·x·a)ᵀ·g, the fast orientation
-    # (r, k) = (s·g·bᵀ)ᵀ·x, then a small transpose. The barrier keeps XLA from folding the
-    # transpose into the product, which would bring back the slow (k, r) orientation.
-    da = lax.optimization_barrier(_dot(gt, x, _TN, precision, None)).T
-    dx = _dot(gt, a, _NT, precision, None)  # (m, k) = s·g·bᵀ·aᵀ
-    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+    db = _dot(t, gx, _TN, precision, None)  # (r, n) = (s·x·a)ᵀ·g, the fast orientation
+    da = lax.optimization_barrier(_dot(gt, x, _TN, precision, None)).T  # (r, k), then transposed
+    dx = _rank_r(gt, a.T, precision, None)  # (m, k) = s·g·bᵀ·aᵀ
+    return g, dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
-low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+low_rank_add.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def bottleneck(h, down, down_bias, up, up_bias, *, scale: float, activation: str):
@@ -126,8 +148,8 @@ def _from_rows(y, plan: DotPlan, free_shape):
     return y
 
 
-def low_rank_branch(plan: DotPlan, meta, dtype, precision, preferred, use: int, x, parts):
-    """``scale·(x·A)·B`` (or ``scale·(x·Bᵀ)·Aᵀ`` for ``x·Wᵀ``) in the dot's output layout."""
+def low_rank_branch(plan: DotPlan, meta, dtype, precision, preferred, use: int, base, x, parts):
+    """``base + scale·(x·A)·B`` (or ``+ scale·(x·Bᵀ)·Aᵀ`` for ``x·Wᵀ``), in the dot's layout."""
     x2, free_shape, _ = _to_rows(x, plan)
     if "key" in parts:
         x2 = dropout(jax.random.fold_in(parts["key"], use), x2, meta.dropout)
@@ -137,8 +159,14 @@ def low_rank_branch(plan: DotPlan, meta, dtype, precision, preferred, use: int, 
         left, right = b.reshape(-1, k).T, a.reshape(n, -1).T
     else:  # x·W = (x·A)·B
         left, right = a.reshape(k, -1), b.reshape(-1, n)
-    y = low_rank(x2, left.astype(dtype), right.astype(dtype), meta.scale, precision, preferred)
-    return _from_rows(y, plan, free_shape)
+    left, right = left.astype(dtype), right.astype(dtype)
+    if plan.on_left:  # base is (W free, x free): add the branch in that layout
+        zero = jnp.zeros((x2.shape[0], n), base.dtype)
+        y = low_rank_add(zero, x2, left, right, meta.scale, precision, preferred)
+        return base + _from_rows(y, plan, free_shape)
+    base2 = base.reshape(x2.shape[0], n)
+    y = low_rank_add(base2, x2, left, right, meta.scale, precision, preferred)
+    return y.reshape(base.shape)
 
 
 def _f(meta, parts, h2):

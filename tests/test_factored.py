@@ -132,6 +132,13 @@ def test_plain_model_factored_equals_merged(name):
     factored_and_merged(method, params, adapter, plain_model, _normal(9, (2, 3, 16)))
 
 
+@pytest.mark.parametrize("rank", [3, 20])  # unrolled rank-r updates, and the product path above 16
+def test_dense_layer_both_rank_paths(rank):
+    params, method, adapter = _lora_dense(shape=(24, 32), rank=rank)
+    fn = lambda p, x: jnp.tanh(x @ p["dense"]["kernel"])  # noqa: E731
+    factored_and_merged(method, params, adapter, fn, _normal(1, (2, 3, 24)))
+
+
 def test_convert_element_type_runs_the_product_in_the_converted_dtype():
     params, method, adapter = _lora_dense()
     fn = lambda p, x: x.astype(jnp.bfloat16) @ p["dense"]["kernel"].astype(jnp.bfloat16)  # noqa: E731
