@@ -1,0 +1,167 @@
+"""Sharding rules for the Mesh step: a ``PartitionSpec`` per frozen leaf and per adapter leaf.
+
+Frozen weights follow user rules or a preset (replicated, FSDP, Megatron tensor parallelism);
+each LoRA factor inherits the sharding of the kernel it adapts: ``A: (*stack, in, r)`` the
+kernel's in-axis spec, ``B: (*stack, r, out)`` its out-axis spec.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from lrtt._adapter import LoraFactors, Trainable, entries, is_entry
+from lrtt._count import adapter_shapes
+from lrtt._paths import named_leaves, path_str
+from lrtt._targets import first_match, select
+
+# Megatron-style tensor parallelism: column-parallel kernels shard their out axis, row-parallel
+# kernels their in axis (paths of the transformers Flax GPT-2, Llama and BERT families).
+COLUMN_PARALLEL = (
+    r"(^|/)(attn/c_attn|mlp/c_fc)/kernel$",
+    r"(^|/)(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel$",
+    r"(^|/)(attention/self/(query|key|value)|intermediate/dense)/kernel$",
+)
+ROW_PARALLEL = (
+    r"(^|/)(attn|mlp)/c_proj/kernel$",
+    r"(^|/)(self_attn/o_proj|mlp/down_proj)/kernel$",
+    r"(^|/)(attention/output/dense|layer/\d+/output/dense)/kernel$",
+)
+PARAM_RULE_PRESETS = ("replicated", "fsdp", "tensor")
+
+
+def _spec_tuple(spec: Any, ndim: int) -> tuple:
+    spec = tuple(spec) if spec is not None else ()
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names if n is not None)
+
+
+def _check_spec(path: str, shape: tuple, spec: tuple, mesh: Mesh) -> None:
+    if len(spec) > len(shape):
+        raise ValueError(f"sharding rule for {path!r} has {len(spec)} entries {P(*spec)} but the leaf is {shape}.")
+    for dim, entry in zip(shape, spec):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        unknown = [n for n in names if n is not None and n not in mesh.shape]
+        if unknown:
+            raise ValueError(
+                f"sharding rule for {path!r} names mesh axes {unknown} but the mesh has "
+                f"{dict(mesh.shape)}; use those axis names."
+            )
+        if dim % _axis_size(mesh, entry):
+            raise ValueError(
+                f"sharding rule {P(*spec)} for {path!r} of shape {shape} splits a dimension of "
+                f"{dim} over {_axis_size(mesh, entry)} devices, which does not divide it; change "
+                "the rule or the mesh."
+            )
+
+
+def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_axis: str = "data") -> Any:
+    """A ``PartitionSpec`` per frozen leaf, from user rules or a preset.
+
+    Args:
+      params: the frozen tree (arrays or ``ShapeDtypeStruct``).
+      mesh: the device mesh.
+      rules: ``None``/``"replicated"``; ``"fsdp"`` (the largest axis the mesh's ``"fsdp"`` axis, or
+        ``data_axis``, divides, of every leaf with >= 2 dims, is sharded over it); ``"tensor"``
+        (Megatron: column-parallel kernels split their out axes over ``"model"``, row-parallel
+        kernels their in axes; everything else replicated); or ``{regex: PartitionSpec}`` (first
+        match wins, unmatched leaves replicated).
+      layouts: extra ``(regex, layout)`` pairs for the ``"tensor"`` preset (as a method's).
+    """
+    leaves = named_leaves(params)
+    specs: dict[str, tuple] = {}
+    if rules is None or rules == "replicated":
+        specs = {p: () for p, _ in leaves}
+    elif rules == "fsdp":
+        axis = "fsdp" if "fsdp" in mesh.shape else data_axis
+        size = mesh.shape[axis]
+        for path, leaf in leaves:
+            spec = [None] * len(leaf.shape)
+            if len(leaf.shape) >= 2:
+                order = sorted(range(len(leaf.shape)), key=lambda i: -leaf.shape[i])
+                fit = [i for i in order if leaf.shape[i] % size == 0]
+                if fit:
+                    spec[fit[0]] = axis
+            specs[path] = tuple(spec)
+    elif rules == "tensor":
+        if "model" not in mesh.shape:
+            raise ValueError(f"`rules`='tensor' shards over a mesh axis 'model'; the mesh has {dict(mesh.shape)}.")
+        specs = {p: () for p, _ in leaves}
+        for patterns, group in ((COLUMN_PARALLEL, "out"), (ROW_PARALLEL, "in")):
+            for target in select(params, patterns, layouts=layouts, require=False):
+                layout = target.layout
+                spec = [None] * layout.ndim
+                first_in = layout.n_stack + (layout.n_out if layout.out_first else 0)
+                first_out = layout.n_stack + (0 if layout.out_first else layout.n_in)
+                spec[first_out if group == "out" else first_in] = "model"
+                specs[target.path] = tuple(spec)
+                bias = target.path.rsplit("/", 1)[0] + "/bias"
+                if group == "out" and bias in specs:
+                    specs[bias] = ("model",)
+    elif isinstance(rules, (Mapping, list, tuple)):
+        pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+        for path, leaf in leaves:
+            spec = first_match(path, pairs)
+            specs[path] = () if spec is None else tuple(spec)
+    else:
+        raise ValueError(
+            f"`rules` must be one of {list(PARAM_RULE_PRESETS)} or a {{regex: PartitionSpec}} mapping, got {rules!r}."
+        )
+    out = {}
+    for path, leaf in leaves:
+        spec = specs[path]
+        _check_spec(path, tuple(leaf.shape), spec, mesh)
+        out[path] = P(*spec)
+    return _like(params, out)
+
+
+def _like(tree: Any, by_path: dict[str, Any]) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda kp, _: by_path[path_str(kp)], tree)
+
+
+def _group_spec(specs: tuple) -> Any:
+    """The spec of a flattened axis group: its first axis's spec if only that one is sharded."""
+    if all(s is None for s in specs[1:]):
+        return specs[0] if specs else None
+    return None  # an inner axis is sharded: not expressible on the flattened axis; replicate
+
+
+def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any = None) -> Any:
+    """A ``PartitionSpec`` per adapter leaf, inherited from the kernel each entry adapts.
+
+    ``LoraFactors``: ``A: (*stack, in, r)`` gets the kernel's stack specs and its in-axis spec,
+    ``B: (*stack, r, out)`` the stack specs and the out-axis spec (a 2-D ``(in, out)`` kernel
+    ``P('x', 'y')`` gives ``A: P('x', None)``, ``B: P(None, 'y')``; GPT-2's ``(out, in)`` Conv1D
+    is read through its layout). ``Trainable`` copies its leaf's spec. TT cores and bottleneck
+    adapters are small and replicated.
+    """
+    if adapter is None:
+        adapter = adapter_shapes(method, params)
+    kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
+    layouts = getattr(method, "layouts", ())
+    low_rank = [p for p, e in entries(adapter).items() if isinstance(e, LoraFactors)]
+    targets = {t.path: t for t in select(params, [f"^{re.escape(p)}$" for p in low_rank], layouts=layouts, require=False)}
+
+    def spec_of(keypath, entry):
+        path = path_str(keypath)
+        if isinstance(entry, LoraFactors) and path in targets:
+            layout = targets[path].layout
+            spec = _spec_tuple(kernel_specs.get(path), layout.ndim)
+            stack, body = spec[: layout.n_stack], spec[layout.n_stack :]
+            ins, outs = (body[layout.n_out :], body[: layout.n_out]) if layout.out_first else (body[: layout.n_in], body[layout.n_in :])
+            a_spec = P(*stack, _group_spec(ins), None)
+            b_spec = P(*stack, None, _group_spec(outs))
+            return LoraFactors(a_spec, b_spec, scale=entry.scale)
+        if isinstance(entry, Trainable):
+            return Trainable(kernel_specs.get(path, P()))
+        return jax.tree.map(lambda _: P(), entry)
+
+    return jax.tree_util.tree_map_with_path(spec_of, adapter, is_leaf=is_entry)
