@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -49,21 +49,31 @@ def method_label(method: Any) -> str:
     return f"{config['method']}({shown})"
 
 
-def parameter_table(params: Any, methods: Sequence[Any]) -> str:
+def parameter_table(params: Any, methods: Sequence[Any] | Mapping[str, Any]) -> str:
     """A text table: per method, each target group's leaves and trainable counts, then totals.
 
-    Counts come from shapes only, so ``params`` may be ``jax.ShapeDtypeStruct`` leaves of a
-    70B-parameter model.
+    ``methods`` is a sequence of methods (labelled by their class and ranks) or a mapping
+    ``{label: method}``. Counts come from shapes only, so ``params`` may be
+    ``jax.ShapeDtypeStruct`` leaves of a 70B-parameter model.
     """
+    labelled = list(methods.items()) if isinstance(methods, Mapping) else [(None, m) for m in methods]
+    for label, method in labelled:
+        if not hasattr(method, "init"):
+            raise TypeError(
+                f"parameter_table got {method!r}{f' under {label!r}' if label else ''} where a method "
+                "(lrtt.LoRA, lrtt.LorettaRep, ...) was expected; pass a list of methods or a "
+                "{label: method} mapping."
+            )
     total = num_params(params)
     lines: list[str] = []
     summary = []
-    for method in methods:
+    for label, method in labelled:
+        label = label or method_label(method)
         rows = count_rows(method, params)
         trainable = sum(r[2] for r in rows)
-        summary.append((method_label(method), trainable))
+        summary.append((label, trainable))
         width = max([len(r[0]) for r in rows] + [20])
-        lines.append(f"{method_label(method)}")
+        lines.append(label)
         lines.append(f"  {'target':<{width}}  {'leaves':>6}  {'trainable':>13}")
         for group, n, count in rows:
             lines.append(f"  {group:<{width}}  {n:>6}  {count:>13,}")

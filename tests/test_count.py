@@ -61,3 +61,10 @@ def test_table_lists_each_target_group_and_totals(llama2_7b):
     assert re.search(r"LoRA\(rank=8\)\s+4,194,304\s+0.0622%", table)
     assert re.search(r"LorettaRep\(rank=8, tt_rank=5\)\s+102,400\s+0.0015%", table)
     assert re.search(r"full fine-tune\s+6,738,415,616\s+100.0000%", table)
+
+
+def test_table_takes_labelled_methods_and_refuses_a_non_method(llama2_7b):
+    table = lrtt.parameter_table(llama2_7b, {"lora-qv": lrtt.LoRA(rank=8)})
+    assert "lora-qv\n" in table and "4,194,304" in table
+    with pytest.raises(TypeError, match="where a method .* was expected"):
+        lrtt.parameter_table(llama2_7b, ["lora"])
