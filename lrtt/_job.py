@@ -8,6 +8,7 @@ only), ``metrics.jsonl`` (one JSON object per logged step or evaluation), ``curv
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,10 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
     step = int(state.step)
     started = time.perf_counter()
     data = _batch_iterator(task.splits["train"], config.train.batch_size, config.data.seed, position)
-    bar = tqdm(total=config.train.steps, initial=step, disable=not progress, desc=f"{config.method_name}", unit="step")
+    # Redirected to a file or a CI log, the bar redraws every 30 s instead of at every step.
+    redraw = 0.1 if sys.stderr.isatty() else 30.0
+    bar = tqdm(total=config.train.steps, initial=step, disable=not progress, desc=f"{config.method_name}", unit="step",
+               mininterval=redraw)
     while step < config.train.steps:
         batch, position = next(data)
         state, loss_value = step_fn(state, params, batch)
