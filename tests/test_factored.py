@@ -139,6 +139,19 @@ def test_dense_layer_both_rank_paths(rank):
     factored_and_merged(method, params, adapter, fn, _normal(1, (2, 3, 24)))
 
 
+def test_bf16_rank_r_update_rounds_once_like_a_dot():
+    """The unrolled rank-r update accumulates bf16 in float32: the same error as a bf16 dot."""
+    from lrtt._lowrank import _MM, _dot, _rank_r
+
+    u, v = _normal(1, (256, 16), 1.0).astype(jnp.bfloat16), _normal(2, (16, 384), 1.0).astype(jnp.bfloat16)
+    exact = np.asarray(u.astype(jnp.float32) @ v.astype(jnp.float32))
+    unrolled = _rank_r(u, v, None, None)
+    assert unrolled.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(unrolled, np.float32) - exact).max()
+    dot_err = np.abs(np.asarray(_dot(u, v, _MM, None, None), np.float32) - exact).max()
+    assert err <= 1.01 * dot_err, (err, dot_err)
+
+
 def test_convert_element_type_runs_the_product_in_the_converted_dtype():
     params, method, adapter = _lora_dense()
     fn = lambda p, x: x.astype(jnp.bfloat16) @ p["dense"]["kernel"].astype(jnp.bfloat16)  # noqa: E731
