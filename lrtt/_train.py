@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lrtt._count import adapter_shapes
 from lrtt._sharding import (  # noqa: F401  (re-exported: lrtt.train.param_specs, ...)
@@ -50,9 +50,14 @@ class TrainState(NamedTuple):
 
 
 def init_state(adapter: Any, optimizer: optax.GradientTransformation, rng: jax.Array | int = 0) -> TrainState:
-    """A fresh :class:`TrainState` (``step = 0``); ``rng`` is a key or an integer seed."""
+    """A fresh :class:`TrainState` (``step = 0``); ``rng`` is a key or an integer seed.
+
+    The state holds a copy of ``adapter``: the steps donate their state, and donating the
+    caller's own arrays would delete them (``adapter`` stays usable after training starts).
+    """
     if not isinstance(rng, jax.Array):
         rng = jax.random.key(rng)
+    adapter = jax.tree.map(jnp.copy, adapter)
     return TrainState(adapter, optimizer.init(adapter), jnp.zeros((), jnp.int32), rng)
 
 
@@ -298,6 +303,19 @@ def split_batch(batch: Any, n_devices: int | None = None) -> Any:
 
 # --- Mesh / NamedSharding (the specs: lrtt/_sharding.py) ------------------------------------
 
+def _auto_axes(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with ``Auto`` axis types.
+
+    ``jax.make_mesh`` makes ``Explicit`` axes by default, under which every operation of the model
+    must have an unambiguous sharding in its type; model code written for ordinary jit (HF Flax
+    models, most linen code) is not. The Mesh step states its shardings at the jit boundary and
+    lets XLA propagate them, which needs ``Auto`` axes.
+    """
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 class MeshStep(NamedTuple):
     """A jitted Mesh step and the shardings its arguments must (and its outputs will) have."""
 
@@ -338,7 +356,8 @@ def mesh_step(
 
     Args:
       loss, optimizer, accumulate, donate: as :func:`jit_step`.
-      mesh: a ``jax.sharding.Mesh`` that has ``data_axis``.
+      mesh: a ``jax.sharding.Mesh`` that has ``data_axis`` (from ``jax.make_mesh`` or ``Mesh``;
+        ``Explicit`` axis types are used as ``Auto``: the returned shardings are on that mesh).
       method, params: the method and frozen params (shapes suffice) the shardings derive from.
       rules: frozen-weight sharding (see :func:`param_specs`).
 
@@ -347,6 +366,7 @@ def mesh_step(
       ``put_params``, ``put_state``, ``put_batch``.
     """
     _check_accumulate(accumulate)
+    mesh = _auto_axes(mesh)
     if data_axis not in mesh.shape:
         raise ValueError(f"`data_axis`={data_axis!r} is not an axis of the mesh {dict(mesh.shape)}.")
     named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731

@@ -108,6 +108,8 @@ def make_mesh(kind):
     devices = np.array(jax.devices())
     if kind == "tensor":
         return Mesh(devices.reshape(4, 2), ("data", "model")), "tensor"
+    if kind == "tensor_make_mesh":  # jax.make_mesh: Explicit axis types by default
+        return jax.make_mesh((4, 2), ("data", "model")), "tensor"
     return Mesh(devices, ("data",)), (None if kind == "data" else kind)
 
 
@@ -145,8 +147,9 @@ def main():
         "LorettaRep": lrtt.LorettaRep(rank=4, tt_rank=2),
     }
     # LoRA: pmap, tensor-parallel Mesh (data 4 x model 2), FSDP Mesh (data 8) with gradient
-    # accumulation; LorettaRep: pmap, tensor-parallel Mesh. Each is compared with one device.
-    configs = {"LoRA": ("tensor", "fsdp"), "LorettaRep": ("tensor",)}
+    # accumulation; LorettaRep: pmap, tensor-parallel Mesh built with Mesh(...) and with
+    # jax.make_mesh (Explicit axes). Each is compared with one device.
+    configs = {"LoRA": ("tensor", "fsdp"), "LorettaRep": ("tensor", "tensor_make_mesh")}
     kept = {}
     for name, method in methods.items():
         ref = run_single(method)

@@ -39,6 +39,7 @@ CONFIGS = [
     ("LoRA", "mesh_fsdp"),
     ("LorettaRep", "pmap"),
     ("LorettaRep", "mesh_tensor"),
+    ("LorettaRep", "mesh_tensor_make_mesh"),
 ]
 
 

@@ -90,7 +90,8 @@ def test_gradient_accumulation_equals_the_full_batch_step():
 def test_params_are_an_argument_not_a_constant_and_the_state_is_donated():
     method, tx, step = _step("lora", "merged")
     params = tiny_model("gpt2").params
-    state = lrtt.train.init_state(method.init(jax.random.key(0), params), tx)
+    adapter = method.init(jax.random.key(0), params)
+    state = lrtt.train.init_state(adapter, tx)
     batch = _batches(1)[0]
     closed = jax.make_jaxpr(step)(state, params, batch)
     inner = closed.eqns[0].params["jaxpr"]
@@ -101,6 +102,7 @@ def test_params_are_an_argument_not_a_constant_and_the_state_is_donated():
     old_leaf = jax.tree.leaves(state.adapter)[0]
     _, loss_a = step(state, params, batch)
     assert old_leaf.is_deleted()  # donated
+    assert not any(x.is_deleted() for x in jax.tree.leaves(adapter))  # the state held a copy
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))  # params never donated
     other = jax.tree.map(lambda x: x * 1.01, params)
     _, loss_b = step(lrtt.train.init_state(method.init(jax.random.key(0), params), tx), other, batch)
