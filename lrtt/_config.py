@@ -113,6 +113,15 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     return isinstance(value, annotation), value
 
 
+# The smallest value each numeric key may take (``None`` stays allowed where the type has it).
+_MINIMUM = {
+    "data.max_len": 2, "data.train_limit": 1, "data.eval_limit": 1,
+    "train.steps": 1, "train.batch_size": 1, "train.warmup": 0, "train.weight_decay": 0.0,
+    "train.accumulate": 1, "train.eval_every": 1, "train.eval_batch_size": 1,
+    "output.save_every": 1, "output.keep": 1,
+}
+
+
 def _section(name: str, raw: Any, cls, source: str):
     if raw is None:
         return cls()
@@ -131,6 +140,11 @@ def _section(name: str, raw: Any, cls, source: str):
                 f"{source}: `{name}.{key}` must be {fields[key].type}, got {value!r} "
                 f"({type(value).__name__})."
             )
+        minimum = _MINIMUM.get(f"{name}.{key}")
+        if minimum is not None and converted is not None and converted < minimum:
+            raise ConfigError(f"{source}: `{name}.{key}` must be >= {minimum}, got {value!r}.")
+        if f"{name}.{key}" == "train.lr" and not converted > 0:
+            raise ConfigError(f"{source}: `train.lr` must be > 0, got {value!r}.")
         values[key] = converted
     return cls(**values)
 

@@ -13,6 +13,7 @@ from lrtt._adapter import LoraFactors
 from lrtt._method import (
     check_positive_int,
     check_probability,
+    check_scale_numerator,
     check_rank,
     freeze_patterns,
     split_keys,
@@ -80,6 +81,10 @@ class LoRA:
         object.__setattr__(self, "layouts", as_pairs(self.layouts))
         for pattern, rank in self.rank_pattern:
             check_positive_int(rank, f"rank_pattern[{pattern!r}]")
+        if self.alpha is not None:
+            check_scale_numerator(self.alpha, "alpha")
+        for pattern, alpha in self.alpha_pattern:
+            check_scale_numerator(alpha, f"alpha_pattern[{pattern!r}]")
 
     def rank_for(self, path: str) -> int:
         override = first_match(path, self.rank_pattern)

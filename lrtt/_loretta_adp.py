@@ -153,10 +153,11 @@ class LorettaAdp:
         for target, k in zip(targets, keys):
             flat[target.path] = self._bottleneck(k, target, "after" if target.path in after else "before")
         if self.tensorized_classifier:
-            for target in select(params, CLASSIFIER_DENSE, layouts=self.layouts, name="tensorized_classifier"):
+            classifier = select(params, CLASSIFIER_DENSE, layouts=self.layouts, name="tensorized_classifier")
+            for i, target in enumerate(classifier):  # e.g. RoBERTa's head: dense and out_proj
                 dims = _tt.resolve_dims(self.tt_shape, target.n_in, target.n_out)
                 cores = _tt.init_gaussian(
-                    keys[-1], dims, self.tt_rank, n_in=target.n_in, n_out=target.n_out,
+                    jax.random.fold_in(keys[-1], i), dims, self.tt_rank, n_in=target.n_in, n_out=target.n_out,
                     stack=target.stack, dtype=self.param_dtype,
                 )
                 flat[target.path] = TTKernel(tuple(cores), n_in=target.n_in, n_out=target.n_out)

@@ -15,6 +15,7 @@ from lrtt._method import (
     check_choice,
     check_positive_int,
     check_probability,
+    check_scale_numerator,
     check_rank,
     freeze_patterns,
     split_keys,
@@ -92,6 +93,7 @@ class LorettaRep:
     def __post_init__(self):
         check_positive_int(self.rank, "rank")
         check_positive_int(self.tt_rank, "tt_rank")
+        check_scale_numerator(self.alpha, "alpha")
         check_probability(self.dropout, "dropout")
         check_choice(self.initializer, "initializer", REP_INITS)
         object.__setattr__(self, "targets", freeze_patterns(self.targets, "targets"))

@@ -15,6 +15,7 @@ It holds no arrays and is hashable, so it can be a static argument of ``jax.jit`
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -42,6 +43,13 @@ def to_config(method: Any) -> dict:
 def check_positive_int(value: Any, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
+def check_scale_numerator(value: Any, name: str) -> None:
+    """``alpha`` (and per-target overrides): a finite, non-zero real number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value != 0
+    if not ok:
+        raise ValueError(f"`{name}` must be a finite, non-zero number (the scale is alpha / rank), got {value!r}.")
 
 
 def check_probability(value: Any, name: str) -> None:

@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except _config.ConfigError as err:
         print(f"lrtt: error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError) as err:  # lrtt's errors for bad settings (no target matched, ...)
+        if os.environ.get("LRTT_DEBUG"):
+            raise
+        print(f"lrtt: error: {err}\n(set LRTT_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -46,6 +46,10 @@ def test_overrides_are_parsed_as_yaml():
         (lambda r: r.pop("method"), r"missing required key `method`"),
         (lambda r: r.update(data=[1, 2]), r"`data` must be a mapping"),
         (lambda r: r["train"].update(forward="dense"), r"`train.forward` must be one of \['factored', 'merged'\]"),
+        (lambda r: r["train"].update(eval_every=0), r"`train.eval_every` must be >= 1, got 0"),
+        (lambda r: r["train"].update(batch_size=-4), r"`train.batch_size` must be >= 1, got -4"),
+        (lambda r: r["train"].update(lr=0), r"`train.lr` must be > 0, got 0"),
+        (lambda r: r.update(output={"keep": 0}), r"`output.keep` must be >= 1"),
     ],
 )
 def test_bad_configs_name_the_key_and_the_fix(mutate, match):
@@ -62,3 +66,10 @@ def test_ints_are_accepted_for_floats_and_bad_override_syntax_is_refused():
         _config.apply_overrides(_raw(), ["train.steps"])
     with pytest.raises(_config.ConfigError, match="does not exist"):
         _config.load("configs/nope.yaml")
+
+
+def test_cli_reports_bad_method_settings_without_a_traceback(capsys):
+    from lrtt import cli
+
+    assert cli.main(["count", "configs/minilm_bbc_lora.yaml", "--set", "method.alpha=foo"]) == 2
+    assert "`alpha` must be a finite, non-zero number" in capsys.readouterr().err

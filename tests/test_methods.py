@@ -52,6 +52,9 @@ def test_lora_rank_too_large_names_the_leaf_and_the_limit():
         (dict(dropout=1.5), "`dropout` must be a probability"),
         (dict(rank_pattern={"q": 0}), "rank_pattern"),
         (dict(targets=[3]), "`targets` must hold regex strings"),
+        (dict(alpha="x"), "`alpha` must be a finite, non-zero number"),
+        (dict(alpha=float("nan")), "`alpha` must be a finite, non-zero number"),
+        (dict(alpha_pattern={"q": 0}), r"`alpha_pattern\['q'\]` must be a finite, non-zero number"),
     ],
 )
 def test_lora_bad_config(kwargs, match):
@@ -91,6 +94,8 @@ def test_rep_bad_options():
         lrtt.LorettaRep(initializer="xavier")
     with pytest.raises(ValueError, match="`tt_rank` must be an integer >= 1, got 0"):
         lrtt.LorettaRep(tt_rank=0)
+    with pytest.raises(ValueError, match="`alpha` must be a finite, non-zero number"):
+        lrtt.LorettaRep(alpha=0)
 
 
 def test_rep_zero_delta_zeros_only_the_last_core_of_b():
@@ -141,6 +146,17 @@ def test_adp_classifier_and_head_on_bert():
         assert isinstance(entries[path], lrtt.Trainable)
     with pytest.raises(ValueError, match="tensorized_classifier"):
         method.init(KEY, tiny_model("llama").params)
+
+
+def test_adp_tensorized_classifier_cores_differ_between_head_layers():
+    params = {"layer": {"out": {"kernel": jnp.zeros((16, 16))}},
+              "pooler": {"dense": {"kernel": jnp.zeros((16, 16))}},
+              "classifier": {"dense": {"kernel": jnp.zeros((16, 16))}}}
+    method = lrtt.LorettaAdp(bottleneck=4, tt_rank=2, tt_shape=None, after=r"layer/out/kernel$", before=None,
+                             train_norms=False, tensorized_classifier=True)
+    entries = lrtt.entries(method.init(KEY, params))
+    pooler, classifier = entries["pooler/dense/kernel"].matrix(), entries["classifier/dense/kernel"].matrix()
+    assert float(jnp.abs(pooler - classifier).max()) > 1e-3  # each layer draws its own cores
 
 
 def test_adp_errors():
