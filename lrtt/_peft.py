@@ -378,7 +378,13 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
         if torch_name is not None and {"kernel", "embedding"} & {names.split_leaf(p)[1] for p in params_of.values()}:
             candidates[torch_name] = module
     if config["target_modules"] == "all-linear":
+        # Which linears PEFT chose depends on the PyTorch model; the file is the record. Within it,
+        # a module kind (its name with layer indices as '*') present in one layer must be present
+        # in every layer, unless the config restricts the layers: a truncated file is caught.
         targeted = set(lora)
+        if config.get("layers_to_transform") in (None, []):
+            kinds = {re.sub(r"\.\d+\.", ".*.", m) for m in lora}
+            targeted |= {m for m in candidates if re.sub(r"\.\d+\.", ".*.", m) in kinds}
     else:
         targeted = {m for m in candidates if names.peft_targets(config, m)}
     if not targeted:

@@ -273,9 +273,19 @@ def test_rope_theta_is_honoured(converted, model):
     np.testing.assert_allclose(_logits(ours_1e4, IDS), expected_1e4, rtol=1e-5, atol=1e-5)
 
 
+def test_save_pretrained_export_reloads_with_rope_theta(converted, model, tmp_path):
+    """A merged SmolLM2-style export (rope theta 1e5) reloads with lrtt.zoo.llama_class()."""
+    import lrtt
+
+    model.save_pretrained(tmp_path / "merged", params=model.params)
+    reloaded = lrtt.zoo.llama_class().from_pretrained(tmp_path / "merged")
+    assert reloaded.config.rope_theta == ROPE_THETA
+    np.testing.assert_allclose(_logits(reloaded, IDS), _logits(model, IDS), rtol=1e-5, atol=1e-5)
+
+
 def test_matches_pytorch_llama(converted, weights, model):
     # The reference: transformers' PyTorch Llama on the original (un-permuted, (out, in)) weights.
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config, _, _ = converted

@@ -19,8 +19,8 @@ import lrtt
 from lrtt import _hf_names as names
 from conftest import tiny_inputs
 
-pytest.importorskip("safetensors")
-pytest.importorskip("transformers")  # the tiny models' param shapes
+# The interop extra (torch, peft) is required, not optional: a missing one fails these tests
+# instead of skipping them, so CI cannot pass without checking against the real peft.
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 KEY = jax.random.key(0)
@@ -263,6 +263,10 @@ REFUSALS = {  # case: (mutation of the config or of the tensors, expected messag
     ),
     "missing lora_B": (dict(tensors=lambda t: _without(t, B0)), "missing tensors.*lora_B"),
     "missing module": (dict(tensors=lambda t: _without(t, A0, B0)), "missing tensors.*transformer.h.0.attn.c_attn"),
+    "missing module, all-linear": (
+        dict(config=lambda c: {**c, "target_modules": "all-linear"}, tensors=lambda t: _without(t, A0, B0)),
+        "missing tensors.*transformer.h.0.attn.c_attn",
+    ),
     "extra module not targeted": (dict(tensors=lambda t: {**t, **C_PROJ}), "extra tensors.*c_proj"),
     "extra module not in params": (dict(tensors=lambda t: {**t, **H7}), "modules that the params do not have.*h.7"),
     "extra full tensor": (dict(tensors=lambda t: {**t, **LN_F}), "extra tensor .*ln_f.weight.*modules_to_save"),
@@ -310,8 +314,9 @@ _pairs: dict = {}
 
 @pytest.fixture(scope="module")
 def interop():
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    import peft
+    import torch
+
     return types.SimpleNamespace(torch=torch, peft=peft)
 
 
