@@ -11,6 +11,7 @@ Methods are frozen dataclasses; everything else is a pure function over pytrees:
 from lrtt import _optim as optim
 from lrtt import _train as train
 from lrtt import _tt as tt
+from lrtt import _zoo as zoo
 from lrtt._adapted import (
     AdaptedLeaf as AdaptedLeaf,
     AdapterLeaf as AdapterLeaf,
@@ -83,5 +84,6 @@ __all__ = [
     "train",
     "tt",
     "unmerge",
+    "zoo",
     "wrap",
 ]

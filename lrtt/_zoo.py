@@ -233,6 +233,18 @@ def _llama_classes():
     return FlaxLlamaForCausalLM
 
 
+@functools.cache
+def llama_class():
+    """``transformers.FlaxLlamaForCausalLM`` with ``config.rope_theta`` honoured.
+
+    transformers' Flax Llama hard-codes the rotary base 10,000; SmolLM2 uses 100,000. A merged
+    export of SmolLM2 (``lrtt export``, a ``save_pretrained`` directory whose config.json holds
+    ``rope_theta``) must be loaded with this class: ``lrtt.zoo.llama_class().from_pretrained(dir)``.
+    With ``rope_theta == 10000`` it is the upstream model exactly.
+    """
+    return _llama_classes()
+
+
 def build_llama(config: dict[str, Any], params: dict[str, Any], *, dtype: Any = jnp.float32):
     """A ``FlaxLlamaForCausalLM`` (honouring ``rope_theta``) carrying the given params.
 
@@ -252,7 +264,7 @@ def build_llama(config: dict[str, Any], params: dict[str, Any], *, dtype: Any = 
     """
     import transformers
 
-    model = _llama_classes()(transformers.LlamaConfig(**config), dtype=dtype, _do_init=False)
+    model = llama_class()(transformers.LlamaConfig(**config), dtype=dtype, _do_init=False)
     _attach_params(model, params)
     return model
 
