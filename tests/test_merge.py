@@ -113,3 +113,19 @@ def test_default_inits_leave_the_model_unchanged_and_gaussian_does_not(family):
     gaussian = lrtt.LorettaRep(rank=4, tt_rank=3, initializer="gaussian")
     merged = lrtt.merge(gaussian, model.params, gaussian.init(KEY, model.params))
     assert float(jnp.abs(model(ids, params=merged).logits - reference).max()) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_adp_identity_init_leaves_the_model_unchanged_and_gaussian_does_not(family):
+    """LorettaAdp is not mergeable: its step-0 check runs through lrtt.factored."""
+    model = tiny_model(family)
+    ids = tiny_inputs()
+    reference = np.asarray(model(ids, params=model.params).logits)
+    apply = lrtt.factored(lambda p, x: model(x, params=p).logits)
+    outputs = {}
+    for initializer in ("identity", "gaussian"):
+        method = lrtt.LorettaAdp(bottleneck=8, tt_rank=3, tt_shape=None, initializer=initializer)
+        outputs[initializer] = np.asarray(apply(lrtt.wrap(method, model.params, method.init(KEY, model.params)), ids))
+    np.testing.assert_allclose(outputs["identity"], reference, rtol=1e-6, atol=1e-6)
+    assert np.abs(outputs["gaussian"] - reference).max() > 1e-4
+
