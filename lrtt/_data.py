@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lrtt._extras import needs_extra
+
 BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
 
 _BAD_FRACTIONS = (
@@ -133,7 +135,8 @@ def encode_classification(
       ``{'input_ids': (n, max_len) int32, 'attention_mask': (n, max_len) int32 (1 = token),
       'labels': (n,) int32}``.
     """
-    from tokenizers import Tokenizer
+    with needs_extra():
+        from tokenizers import Tokenizer
 
     if max_len < 1:
         raise ValueError(f"`max_len` must be positive, got {max_len}.")

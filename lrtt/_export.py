@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lrtt._extras import needs_extra
 from lrtt._merge import merge
 from lrtt._paths import named_leaves, nest
 
@@ -89,7 +90,8 @@ def export_merged(
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     if fmt == "safetensors":
-        from safetensors.flax import save_file
+        with needs_extra():
+            from safetensors.flax import save_file
 
         tensors = {name: jax.numpy.asarray(jax.device_get(leaf)) for name, leaf in named_leaves(merged)}
         if len(tensors) != len(named_leaves(merged)):
@@ -112,7 +114,8 @@ def load_merged(path: str | os.PathLike, *, like: Any = None) -> Any:
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1]
     if suffix == ".safetensors":
-        from safetensors.flax import load_file
+        with needs_extra():
+            from safetensors.flax import load_file
 
         flat = load_file(path)
         if like is None:

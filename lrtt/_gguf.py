@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from lrtt._extras import needs_extra
+
 _MISSING_GGUF = (
     "Reading GGUF files needs the `gguf` package: `pip install 'lrtt[models]'` "
     "(or `pip install gguf`)."
@@ -127,8 +129,9 @@ def tokenizer_from_gguf(reader) -> str:
     Raises:
       ValueError: the GGUF's tokenizer is not byte-level BPE, or has an unknown pre-tokenizer.
     """
-    import gguf
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    with needs_extra():
+        import gguf
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -226,7 +229,8 @@ def _config_from_gguf(reader, n_vocab: int) -> dict[str, Any]:
 
 
 def _tensor_f32(tensor) -> np.ndarray:
-    import gguf
+    with needs_extra():
+        import gguf
 
     data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     # GGUF lists dims fastest-first (ne0 = in); numpy's row-major shape is the reverse: (out, in).

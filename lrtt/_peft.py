@@ -25,6 +25,7 @@ import numpy as np
 
 from lrtt import _hf_names as names
 from lrtt._adapter import LoraFactors, TTFactors, Trainable, entries
+from lrtt._extras import needs_extra
 from lrtt._lora import LoRA
 from lrtt._paths import named_leaves, nest
 from lrtt._targets import Target, first_match, select
@@ -210,7 +211,8 @@ def save_peft(
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    from safetensors.numpy import save_file
+    with needs_extra():
+        from safetensors.numpy import save_file
 
     save_file(dict(sorted(tensors.items())), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return config
@@ -481,7 +483,8 @@ def _read_config(directory) -> dict:
 
 
 def _read_tensors(directory) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    with needs_extra():
+        from safetensors.numpy import load_file
 
     file = os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):

