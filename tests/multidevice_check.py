@@ -167,6 +167,14 @@ def main():
         kept[(name, "single")] = ref[0]
         out["methods"][name] = res
 
+    # adapter dropout on: the Mesh step draws the masks for the global batch, as one device does.
+    dropout = lrtt.LoRA(rank=4, targets="attention", dropout=0.3)
+    ref = run_single(dropout)
+    no_dropout = run_single(methods["LoRA"])
+    state, losses, _, _ = run_mesh(dropout, "data")
+    out["dropout_mesh"] = compare(dropout, ref, (state, losses))
+    out["dropout_mesh"]["effect"] = float(np.max(np.abs(np.array(ref[1]) - np.array(no_dropout[1]))))
+
     # checkpoints across shardings: tensor-parallel Mesh -> one device, -> FSDP Mesh; one device -> Mesh.
     method = methods["LoRA"]
     tensor_state, _ = kept[("LoRA", "tensor")]

@@ -81,3 +81,11 @@ def test_checkpoints_restore_onto_another_sharding(report):
     assert ck["single_to_tensor_equal"]
     assert ck["single_to_tensor_specs"]["transformer/h/1/attn/c_attn/kernel/b"] == "P(None, 'model')"
     assert ck["single_to_tensor_specs"]["transformer/h/1/attn/c_proj/kernel/a"] == "P('model', None)"
+
+
+def test_mesh_step_with_adapter_dropout_equals_one_device(report):
+    result = report["dropout_mesh"]
+    assert result["effect"] > 1e-3  # dropout does change the run...
+    assert result["loss_diff"] < LOSS_TOL, result  # ...and the Mesh step draws the same masks
+    assert result["adapter_diff"] < ADAPTER_TOL, result
+
