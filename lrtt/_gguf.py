@@ -18,10 +18,6 @@ import numpy as np
 
 from lrtt._extras import needs_extra
 
-_MISSING_GGUF = (
-    "Reading GGUF files needs the `gguf` package: `pip install 'lrtt[models]'` "
-    "(or `pip install gguf`)."
-)
 
 # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) whose regex is GPT-2's with every digit
 # split off first (`\p{N}` before the GPT-2 pattern in llama-vocab.cpp).
@@ -256,12 +252,10 @@ def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
     Raises:
       ValueError: not a llama GGUF, a feature FlaxLlama cannot express, or an unknown tensor.
-      ImportError: ``gguf`` is not installed.
+      ModuleNotFoundError: ``gguf`` is not installed (the message names the ``models`` extra).
     """
-    try:
+    with needs_extra():
         import gguf
-    except ImportError as e:
-        raise ImportError(_MISSING_GGUF) from e
 
     reader = gguf.GGUFReader(os.fspath(path))
     tokenizer_json = tokenizer_from_gguf(reader)

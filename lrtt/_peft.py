@@ -13,6 +13,7 @@ come from :mod:`lrtt._hf_names`; PEFT's matching rules (``target_modules``, ``ra
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -385,8 +386,9 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
         # in every layer, unless the config restricts the layers: a truncated file is caught.
         targeted = set(lora)
         if config.get("layers_to_transform") in (None, []):
-            kinds = {re.sub(r"\.\d+\.", ".*.", m) for m in lora}
-            targeted |= {m for m in candidates if re.sub(r"\.\d+\.", ".*.", m) in kinds}
+            kind = functools.partial(re.sub, r"\.\d+\.", ".*.")  # 'h.3.attn.c_attn' -> 'h.*.attn.c_attn'
+            kinds = {kind(m) for m in lora}
+            targeted |= {m for m in candidates if kind(m) in kinds}
     else:
         targeted = {m for m in candidates if names.peft_targets(config, m)}
     if not targeted:

