@@ -85,3 +85,10 @@ def test_count_of_full_fine_tuning_compares_with_plain_lora(capsys):
 
     assert re.search(r"LoRA\(rank=8\)\s+73,728\s", out)  # 6 layers x (q, v) x 8·(384 + 384)
     assert re.search(r"full fine-tune\s+22,715,141\s", out)
+
+
+def test_cli_reports_a_method_error_on_the_model_without_a_traceback(capsys):
+    assert cli.main(["count", "configs/minilm_bbc_lora.yaml", "--set", "method.targets=nomatch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrtt: error:") and "Pass a regex that matches the kernels to adapt" in err
+    assert "LRTT_DEBUG=1" in err and "Traceback" not in err
