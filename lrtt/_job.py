@@ -181,8 +181,8 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
         state, loss_value = step_fn(state, params, batch)
         step += 1
         loss_value = float(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # drawn by update(), at its interval
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
         _log(metrics_path, {"kind": "train", "step": step, "loss": loss_value, "time": time.perf_counter() - started})
         if step % config.train.eval_every == 0 or step == config.train.steps:
             result = evaluate_split(task, method, state.adapter, "validation", config.train.eval_batch_size)

@@ -92,3 +92,12 @@ def test_cli_reports_a_method_error_on_the_model_without_a_traceback(capsys):
     err = capsys.readouterr().err
     assert err.startswith("lrtt: error:") and "Pass a regex that matches the kernels to adapt" in err
     assert "LRTT_DEBUG=1" in err and "Traceback" not in err
+
+
+def test_progress_bar_in_a_log_is_not_redrawn_every_step(tmp_path, capsys):
+    steps = 6
+    args = ["train", "configs/minilm_bbc_loretta_rep.yaml", *SMALL, "--set", f"output.dir={tmp_path}",
+            "--set", f"train.steps={steps}", "--set", "output.export=false"]
+    assert cli.main(args) == 0  # progress on; stderr is captured, not a terminal
+    draws = capsys.readouterr().err.count("loretta_rep:")
+    assert 1 <= draws < steps, draws
