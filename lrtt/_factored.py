@@ -339,9 +339,21 @@ def _cond(ctx, eqn, invals):
     return list(lax.switch(index, branches, *flat))
 
 
+def scan_counts(params) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a ``scan`` equation, on every supported JAX.
+
+    jax <= 0.10 stores the counts; jax >= 0.12 stores ``ft_in``, a flat tree with one group of
+    operands each for the consts, the carry and the scanned inputs.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
+
+
 def _scan(ctx, eqn, invals):
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    n_consts, n_carry = scan_counts(p)
     consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
     if any(isinstance(v, View) for v in init):
         return ctx.unsupported(eqn, invals, " as a scan carry (only consts and scanned inputs can be adapted)")

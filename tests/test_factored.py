@@ -274,7 +274,7 @@ def test_scan_grad_step_forms_no_dense_weight_and_keeps_the_remat_policy():
     policies = {eqn.params["policy"] for eqn in _walk(jaxpr) if eqn.primitive.name == "remat2"}
     assert policies == {jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     scan = next(eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan")  # forward: W0 sliced per layer
-    xs = scan.invars[scan.params["num_consts"] + scan.params["num_carry"]:]
+    xs = scan.invars[sum(_factored.scan_counts(scan.params)):]
     assert {tuple(v.aval.shape) for v in xs} >= {(3, 16, 24), (3, 24, 16), (3, 16, 2), (3, 2, 24)}
 
 
