@@ -37,6 +37,7 @@ from lrtt._count import (
     parameter_table as parameter_table,
     print_trainable_parameters as print_trainable_parameters,
 )
+from lrtt._discover import Discovery as Discovery, LeafInfo as LeafInfo, LeafUse as LeafUse, discover as discover
 from lrtt._export import export_merged as export_merged, load_merged as load_merged
 from lrtt._factored import factored as factored
 from lrtt._full import FullFineTune as FullFineTune
@@ -56,8 +57,11 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointManager",
     "CheckpointMismatchError",
+    "Discovery",
     "FullFineTune",
     "Layout",
+    "LeafInfo",
+    "LeafUse",
     "LoRA",
     "LoraFactors",
     "LorettaAdp",
@@ -69,6 +73,7 @@ __all__ = [
     "Trainable",
     "adapter_shapes",
     "delta",
+    "discover",
     "entries",
     "export_merged",
     "factored",

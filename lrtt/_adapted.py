@@ -283,13 +283,13 @@ class View:
     @classmethod
     def of(cls, leaf: AdaptedLeaf) -> "View":
         layout = leaf.layout
-        body = [OUT] * layout.n_out + [IN] * layout.n_in if layout.out_first else [IN] * layout.n_in + [OUT] * layout.n_out
         parts = leaf.parts()
         if isinstance(leaf, LowRankLeaf):
             meta = Meta("low_rank", leaf.path, leaf.scale, dropout=leaf.dropout if leaf.key is not None else 0.0)
         else:
             meta = Meta("adapter", leaf.path, leaf.scale, position=leaf.position, activation=leaf.activation)
-        return cls(meta, leaf.w0, tuple([STACK] * layout.n_stack + body),
+        kinds = tuple({"layer": STACK, "in": IN, "out": OUT}[k] for k in layout.kinds)
+        return cls(meta, leaf.w0, kinds,
                    {k: v[0] for k, v in parts.items()}, {k: v[1] for k, v in parts.items()})
 
     # -- axis bookkeeping
@@ -339,16 +339,25 @@ class View:
             parts[name] = part.transpose(full) if full != list(range(part.ndim)) else part
         return dataclasses.replace(self, w0=w0, kinds=kinds, parts=parts)
 
+    @property
+    def signature(self) -> tuple:
+        """What a rebuilt view takes from this one besides its arrays (static, hashable)."""
+        return self.meta, self.kinds, tuple(sorted(self.roles.items()))
+
     def map_stack(self, w0, kinds: tuple[str, ...], fn) -> "View":
-        """A view whose parts are ``fn(part, stack_positions)`` (slicing along stack axes)."""
+        """A view whose parts are ``fn(part)`` (a slice along the stack axes)."""
         parts = {name: fn(part) for name, part in self.parts.items()}
         return dataclasses.replace(self, w0=w0, kinds=tuple(kinds), parts=parts)
 
-    def flatten(self, *, unstack: bool = False):
-        """``(arrays, rebuild)``; with ``unstack`` the rebuilt view lacks the leading stack axis."""
+    def flatten(self, *, unstack: bool = False, restack: bool = False):
+        """``(arrays, rebuild)``: the view's arrays, and a function that makes a view of new ones.
+
+        ``unstack``: the rebuilt view lacks the leading stack axis (a scan slices it off);
+        ``restack``: it gains a leading stack axis (a scan stacks its outputs).
+        """
         names = sorted(self.parts)
         arrays = [self.w0] + [self.parts[n] for n in names]
-        kinds = self.kinds[1:] if unstack else self.kinds
+        kinds = self.kinds[1:] if unstack else (STACK,) + self.kinds if restack else self.kinds
 
         def rebuild(arrays):
             return dataclasses.replace(self, w0=arrays[0], kinds=kinds, parts=dict(zip(names, arrays[1:])))

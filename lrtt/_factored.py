@@ -19,6 +19,7 @@ no adapted value are bound unchanged.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -39,9 +40,9 @@ UNSUPPORTED = (
     "call lrtt.factored(fn, materialize=True); or leave this leaf out of the method's targets."
 )
 PASSES = (
-    "convert_element_type, copy, transpose, reshape/squeeze that keep the in, out and stack axes "
-    "apart, slicing/indexing along stack axes, jit, scan over stacked layers, checkpoint/remat "
-    "and cond,"
+    "convert_element_type, copy, transpose, reshape/squeeze/expand_dims that keep the in, out and "
+    "stack axes apart, slicing/indexing along stack axes, jit, scan over stacked layers, "
+    "checkpoint/remat and cond (as inputs and outputs of their bodies),"
 )
 
 
@@ -69,12 +70,12 @@ def _bind(eqn, invals: list) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _flatten(values: list, *, unstack: bool = False):
+def _flatten(values: list, *, unstack: bool = False, restack: bool = False):
     """Views and arrays → a flat list of arrays and a function that rebuilds them."""
     flat, rebuilders = [], []
     for value in values:
         if isinstance(value, View):
-            arrays, rebuild = value.flatten(unstack=unstack)
+            arrays, rebuild = value.flatten(unstack=unstack, restack=restack)
             rebuilders.append((len(arrays), rebuild))
             flat.extend(arrays)
         else:
@@ -89,6 +90,11 @@ def _flatten(values: list, *, unstack: bool = False):
         return out
 
     return flat, unflatten
+
+
+def _signature(values: list) -> tuple:
+    """The static form of a list of values: None per array, the view's signature per view."""
+    return tuple(v.signature if isinstance(v, View) else None for v in values)
 
 
 class _Interpreter:
@@ -226,6 +232,20 @@ def _squeeze(ctx, eqn, invals):
     return ctx.unsupported(eqn, invals, " in a squeeze that removes its whole in or out group")
 
 
+def _broadcast_in_dim(ctx, eqn, invals):
+    """``expand_dims``: new unit axes become stack axes (a scan or an index can take them off)."""
+    view = invals[0]
+    shape, dims = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+    old = tuple(view.w0.shape)
+    if len(invals) > 1 or any(shape[d] != n for d, n in zip(dims, old)) or any(
+            shape[a] != 1 for a in range(len(shape)) if a not in dims) or list(dims) != sorted(dims):
+        return ctx.unsupported(eqn, invals, " in a broadcast that does more than add unit axes")
+    kinds = [STACK] * len(shape)
+    for d, kind in zip(dims, view.kinds):
+        kinds[d] = kind
+    return [view.relayout(_bind(eqn, [view.w0])[0], tuple(kinds))]
+
+
 def _stack_only(view, starts_full) -> str | None:
     """None when every non-stack axis is taken whole, else a reason."""
     for axis, full in enumerate(starts_full):
@@ -309,6 +329,9 @@ def _gather(ctx, eqn, invals):
 
 
 # --- higher-order rules --------------------------------------------------------------------------
+# A body (remat, scan, cond) is re-run through ``ctx.eval`` under the same JAX transform; views
+# cross its boundary as their arrays (``_flatten``), in and out, and are rebuilt on the other
+# side, so a body may return an adapted leaf (``nnx.remat``/``nnx.scan`` return module state).
 def _jit(ctx, eqn, invals):
     jaxpr, consts = _open(eqn.params["jaxpr"])
     return ctx.eval(jaxpr, consts, invals)
@@ -317,12 +340,16 @@ def _jit(ctx, eqn, invals):
 def _remat(ctx, eqn, invals):
     jaxpr, consts = _open(eqn.params["jaxpr"])
     flat, unflatten = _flatten(invals)
+    rebuild = []
 
     def body(*flat):
-        return ctx.outputs(ctx.eval(jaxpr, consts, unflatten(flat)), "checkpoint body")
+        out_flat, out_unflatten = _flatten(ctx.eval(jaxpr, consts, unflatten(flat)))
+        rebuild.append(out_unflatten)
+        return out_flat
 
     fn = jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy"))
-    return list(fn(*flat))
+    out = fn(*flat)
+    return rebuild[-1](list(out))
 
 
 def _cond(ctx, eqn, invals):
@@ -330,13 +357,30 @@ def _cond(ctx, eqn, invals):
     if isinstance(index, View):
         return ctx.unsupported(eqn, invals, " as a cond predicate")
     flat, unflatten = _flatten(operands)
+    forms, rebuild = [], []
 
-    def branch(closed, *flat):
+    def branch(closed, dense, *flat):
         jaxpr, consts = _open(closed)
-        return ctx.outputs(ctx.eval(jaxpr, consts, unflatten(flat)), "cond branch")
+        outs = ctx.eval(jaxpr, consts, unflatten(flat))
+        if dense:  # the branches return different views: dense outputs (materialize) or an error
+            return ctx.outputs(outs, "cond branch (the branches return different adapted leaves)")
+        forms.append(_signature(outs))
+        out_flat, out_unflatten = _flatten(outs)
+        rebuild.append(out_unflatten)
+        return out_flat
 
-    branches = [functools.partial(branch, b) for b in eqn.params["branches"]]
-    return list(lax.switch(index, branches, *flat))
+    def run(dense):
+        return lax.switch(index, [functools.partial(branch, b, dense) for b in eqn.params["branches"]], *flat)
+
+    try:
+        out = run(False)
+    except TypeError:
+        if len(set(forms)) < 2:
+            raise
+        return list(run(True))
+    if len(set(forms)) > 1:
+        return list(run(True))
+    return rebuild[-1](list(out))
 
 
 def scan_counts(params) -> tuple[int, int]:
@@ -355,24 +399,31 @@ def _scan(ctx, eqn, invals):
     p = eqn.params
     n_consts, n_carry = scan_counts(p)
     consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
-    if any(isinstance(v, View) for v in init):
-        return ctx.unsupported(eqn, invals, " as a scan carry (only consts and scanned inputs can be adapted)")
     for x in xs:
         if isinstance(x, View) and x.kinds[0] != STACK:
             return ctx.unsupported(eqn, invals, f" scanned over its axis 0, which is not a stack axis (axes {x.kinds})")
-    const_flat, const_unflatten = _flatten(consts)
-    xs_flat, xs_unflatten = _flatten(xs, unstack=True)
     jaxpr, jconsts = _open(p["jaxpr"])
     carry_vars = jaxpr.invars[n_consts:n_consts + n_carry]
-    init = [v if isinstance(v, jax.Array) else jnp.asarray(v, var.aval.dtype) for v, var in zip(init, carry_vars)]
+    init = [v if isinstance(v, (jax.Array, View)) else jnp.asarray(v, var.aval.dtype) for v, var in zip(init, carry_vars)]
+    const_flat, const_unflatten = _flatten(consts)
+    init_flat, init_unflatten = _flatten(init)
+    xs_flat, xs_unflatten = _flatten(xs, unstack=True)
+    init_form = _signature(init)
+    rebuild_ys = []
 
-    def body(carry, xs_flat):
-        args = const_unflatten(const_flat) + list(carry) + xs_unflatten(xs_flat)
-        outs = ctx.outputs(ctx.eval(jaxpr, jconsts, args), "scan body")
-        return outs[:n_carry], outs[n_carry:]
+    def body(carry_flat, xs_flat):
+        args = const_unflatten(const_flat) + init_unflatten(list(carry_flat)) + xs_unflatten(xs_flat)
+        outs = ctx.eval(jaxpr, jconsts, args)
+        carry, ys = outs[:n_carry], outs[n_carry:]
+        if _signature(carry) != init_form:
+            carry = ctx.outputs(carry, "scan body (an adapted leaf in the carry must leave the body in "
+                                       "the form it entered)")
+        ys_flat, ys_unflatten = _flatten(ys, restack=True)
+        rebuild_ys.append(ys_unflatten)
+        return _flatten(carry)[0], ys_flat
 
-    carry, ys = lax.scan(body, init, xs_flat, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-    return list(carry) + list(ys)
+    carry, ys = lax.scan(body, init_flat, xs_flat, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return init_unflatten(list(carry)) + rebuild_ys[-1](list(ys))
 
 
 def _opaque(ctx, eqn, invals):
@@ -441,8 +492,56 @@ def _dot_general(ctx, eqn, invals):
     return [batched(branch, base, x_front, parts)]
 
 
+# --- ragged_dot_general: mixture-of-experts kernels ------------------------------------------------
+def _ragged_dot_general(ctx, eqn, invals):
+    """``x·W_e`` per group of rows → ``x·W0_e + s·(x·A_e)·B_e``, with the same group sizes.
+
+    The adapted kernel is the rhs, its one stack axis the expert (group) axis: factors
+    ``A: (E, in, r)``, ``B: (E, r, out)`` (a kernel of layout ``"layer in out"``).
+    """
+    lhs, rhs, group_sizes = invals
+    p = eqn.params
+    numbers = p["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = numbers.dot_dimension_numbers
+    if isinstance(lhs, View) or isinstance(group_sizes, View):
+        return ctx.unsupported(eqn, invals, " as the lhs of a ragged_dot_general (only the rhs, the expert kernels, can be adapted)")
+    view, x = rhs, lhs
+    if view.meta.kind != "low_rank":
+        return ctx.unsupported(eqn, invals, " with a LoRETTA_adp adapter (ragged_dot_general takes LoRA and LorettaRep)")
+    stack, ins = view.axes(STACK), view.axes(IN)
+    if (lb or rb or tuple(numbers.rhs_group_dimensions) != tuple(stack) or len(stack) != 1
+            or set(rc) != set(ins) or set(numbers.lhs_ragged_dimensions) & set(lc)):
+        return ctx.unsupported(eqn, invals, (
+            f" in a ragged_dot_general with dimension numbers {numbers}: the factored rule needs the "
+            f"kernel's one stack axis {tuple(stack)} as the group axis, its in axes {tuple(ins)} "
+            "contracted and no batch axes (axes {view.kinds})".replace("{view.kinds}", str(view.kinds))))
+    base = _bind(eqn, [x, view.w0, group_sizes])[0]
+    dtype = view.w0.dtype
+    # A as (E, *in, r) with the in axes in the kernel's order: contract x's matching axes.
+    a = view.parts["a"].astype(dtype)
+    in_pos = {axis: 1 + j for j, axis in enumerate(ins)}
+    a_numbers = dataclasses.replace(numbers, dot_dimension_numbers=((tuple(lc), tuple(in_pos[c] for c in rc)), ((), ())),
+                                    rhs_group_dimensions=(0,))
+    t = _bind_params(eqn, [x, a, group_sizes], ragged_dot_dimension_numbers=a_numbers)[0]
+    t = t * jnp.asarray(view.meta.scale, t.dtype)
+    # t: (x's free axes, r); B: (E, r, *out): the ragged axis keeps its place among x's free axes.
+    x_free = [axis for axis in range(x.ndim) if axis not in lc]
+    ragged = tuple(x_free.index(axis) for axis in numbers.lhs_ragged_dimensions)
+    b_numbers = dataclasses.replace(numbers, dot_dimension_numbers=(((t.ndim - 1,), (1,)), ((), ())),
+                                    lhs_ragged_dimensions=ragged, rhs_group_dimensions=(0,))
+    delta = _bind_params(eqn, [t.astype(x.dtype), view.parts["b"].astype(dtype), group_sizes],
+                         ragged_dot_dimension_numbers=b_numbers)[0]
+    return [base + delta.astype(base.dtype)]
+
+
+def _bind_params(eqn, invals: list, **changes) -> list:
+    """Bind ``eqn``'s primitive with some of its params changed."""
+    return _bind(eqn.replace(params={**eqn.params, **changes}), invals)
+
+
 RULES: dict[str, Callable] = {
     "dot_general": _dot_general,
+    "ragged_dot_general": _ragged_dot_general,
     "convert_element_type": _on_w0,
     "copy": _identity,
     "stop_gradient": _stop_gradient,
@@ -450,6 +549,7 @@ RULES: dict[str, Callable] = {
     "transpose": _transpose,
     "reshape": _reshape,
     "squeeze": _squeeze,
+    "broadcast_in_dim": _broadcast_in_dim,
     "slice": _slice,
     "dynamic_slice": _dynamic_slice,
     "gather": _gather,

@@ -45,7 +45,9 @@ class LoRA:
       rank_pattern: ``{regex: rank}`` per-target overrides (first match wins).
       alpha_pattern: ``{regex: alpha}`` per-target overrides.
       layouts: ``{regex: layout}`` for kernels that are not 2-D ``(in, out)``, e.g.
-        ``"layer in out"`` for ``nn.scan``-stacked layers.
+        ``"layer in out"`` for ``nn.scan``-stacked layers, ``"out in out"`` for Gemma's
+        ``q_einsum``; or the :class:`lrtt.Discovery` of ``lrtt.discover(fn, params, *args)``
+        (then ``targets="all-linear"`` means every discovered linear kernel but the head).
       trainable: regexes of leaves trained in full besides the factors (PEFT's
         ``modules_to_save``), e.g. a classification head.
       param_dtype: dtype of the factors (float32 by default, whatever the base's dtype).
@@ -74,7 +76,7 @@ class LoRA:
     def __post_init__(self):
         check_positive_int(self.rank, "rank")
         check_probability(self.dropout, "dropout")
-        object.__setattr__(self, "targets", freeze_patterns(self.targets, "targets"))
+        object.__setattr__(self, "targets", freeze_patterns(self.targets, "targets", self.layouts))
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
         object.__setattr__(self, "rank_pattern", as_pairs(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", as_pairs(self.alpha_pattern))

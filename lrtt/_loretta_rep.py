@@ -96,7 +96,7 @@ class LorettaRep:
         check_scale_numerator(self.alpha, "alpha")
         check_probability(self.dropout, "dropout")
         check_choice(self.initializer, "initializer", REP_INITS)
-        object.__setattr__(self, "targets", freeze_patterns(self.targets, "targets"))
+        object.__setattr__(self, "targets", freeze_patterns(self.targets, "targets", self.layouts))
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
         object.__setattr__(self, "layouts", as_pairs(self.layouts))
         object.__setattr__(self, "tt_shape", freeze_tt_shape(self.tt_shape))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from lrtt._adapter import Trainable
 from lrtt._paths import named_leaves
-from lrtt._targets import matches, normalize_patterns
+from lrtt._targets import freeze_targets, matches
 
 
 def to_config(method: Any) -> dict:
@@ -74,9 +74,10 @@ def check_rank(rank: int, target, name: str = "rank") -> None:
         )
 
 
-def freeze_patterns(value: Any, name: str) -> tuple[str, ...]:
-    """Normalize a regex / list / preset field for storage in a frozen, hashable dataclass."""
-    return normalize_patterns(value, name=name)
+def freeze_patterns(value: Any, name: str, layouts: Any = ()) -> tuple[str, ...]:
+    """Normalize a regex / list / preset field for storage in a frozen, hashable dataclass
+    (``"all-linear"`` over ``layouts=lrtt.discover(...)``: the discovered kernels)."""
+    return freeze_targets(value, layouts, name=name)
 
 
 def trainable_copies(params: Any, patterns: Sequence[str], *, exclude: set[str]) -> dict[str, Trainable]:

@@ -99,13 +99,11 @@ def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_
             for target in select(params, patterns, layouts=layouts, require=False):
                 layout = target.layout
                 spec = [None] * layout.ndim
-                first_in = layout.n_stack + (layout.n_out if layout.out_first else 0)
-                first_out = layout.n_stack + (0 if layout.out_first else layout.n_in)
-                spec[first_out if group == "out" else first_in] = "model"
+                spec[layout.axes(group)[0]] = "model"
                 specs[target.path] = tuple(spec)
                 bias = target.path.rsplit("/", 1)[0] + "/bias"
                 if group == "out" and bias in specs:
-                    specs[bias] = ("model",)
+                    specs[bias] = _bias_spec(dict(leaves)[bias], target)
     elif isinstance(rules, (Mapping, list, tuple)):
         pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
         for path, leaf in leaves:
@@ -121,6 +119,14 @@ def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_
         _check_spec(path, tuple(leaf.shape), spec, mesh)
         out[path] = P(*spec)
     return _like(params, out)
+
+
+def _bias_spec(bias: Any, target: Any) -> tuple:
+    """A column-parallel kernel's bias ``(*stack, *out)``: sharded on its first out axis."""
+    stack, _, outs = target.layout.split(target.shape)
+    if tuple(bias.shape) != stack + outs:
+        return ()  # a bias of another shape: replicated
+    return (None,) * len(stack) + ("model",) + (None,) * (len(outs) - 1)
 
 
 def _like(tree: Any, by_path: dict[str, Any]) -> Any:
@@ -155,8 +161,7 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
         if isinstance(entry, LoraFactors) and path in targets:
             layout = targets[path].layout
             spec = _spec_tuple(kernel_specs.get(path), layout.ndim)
-            stack, body = spec[: layout.n_stack], spec[layout.n_stack :]
-            ins, outs = (body[layout.n_out :], body[: layout.n_out]) if layout.out_first else (body[: layout.n_in], body[layout.n_in :])
+            stack, ins, outs = (tuple(spec[a] for a in layout.axes(k)) for k in ("layer", "in", "out"))
             a_spec = P(*stack, _group_spec(ins), None)
             b_spec = P(*stack, None, _group_spec(outs))
             return LoraFactors(a_spec, b_spec, scale=entry.scale)

@@ -15,90 +15,112 @@ path. Every selected leaf is read as a matrix ``(in, out)`` through its :class:`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping, Sequence
 
+from lrtt import _families
+from lrtt._discover import Discovery
 from lrtt._paths import named_leaves
 
 _AXIS_WORDS = ("layer", "in", "out")
 
 LAYOUT_HELP = (
-    "a layout is a space-separated list of the words 'layer', 'in', 'out', one per axis, with "
-    "the layer axes first and the in axes and the out axes each contiguous: e.g. 'in out' (Flax "
-    "Dense), 'out in' (GPT-2 Conv1D), 'layer in out' (nn.scan-stacked Dense), 'in out out' "
-    "(DenseGeneral with features=(heads, head_dim))"
+    "a layout is a space-separated list of the words 'layer', 'in', 'out', one per axis of the "
+    "leaf, in any order, with at least one 'in' and one 'out': e.g. 'in out' (Flax Dense), "
+    "'out in' (GPT-2 Conv1D), 'layer in out' (nn.scan-stacked Dense), 'in out out' (DenseGeneral "
+    "with features=(heads, head_dim)), 'out in out' (Gemma's q_einsum (heads, embed, head_dim)), "
+    "'in layer out out' (a MaxText kernel scanned on axis 1); lrtt.discover(fn, params, *args) "
+    "reads them off the model"
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How the axes of a kernel map onto ``(*stack, in, out)``.
+    """What each axis of a kernel is: a stacked ``layer`` axis, an ``in`` axis or an ``out`` axis.
+
+    The kernel is read as the matrices ``(*stack, in, out)``, where ``stack`` is the shape of its
+    layer axes and ``in`` (``out``) the product of its in (out) axes, each group taken in the
+    order its axes have in the kernel. The groups may interleave in any order:
+
+    >>> import numpy as np
+    >>> layout = Layout.parse("out in out")           # Gemma's q_einsum: (heads, embed, head_dim)
+    >>> w = np.arange(4 * 3 * 2).reshape(4, 3, 2)
+    >>> layout.split(w.shape)
+    ((), (3,), (4, 2))
+    >>> m = layout.to_matrix(w)                       # (in, out) = (3, 4·2)
+    >>> m.shape, bool((layout.from_matrix(m, w.shape) == w).all())
+    ((3, 8), True)
 
     Attributes:
-      n_stack: number of leading stacked (layer) axes.
-      n_in: number of axes forming the input dimension.
-      n_out: number of axes forming the output dimension.
-      out_first: True when the out axes come before the in axes (GPT-2 ``Conv1D``).
+      kinds: one word per axis, ``"layer"``, ``"in"`` or ``"out"``.
     """
 
-    n_stack: int
-    n_in: int
-    n_out: int
-    out_first: bool = False
+    kinds: tuple[str, ...]
+
+    def __post_init__(self):
+        kinds = tuple(self.kinds)
+        if any(k not in _AXIS_WORDS for k in kinds) or "in" not in kinds or "out" not in kinds:
+            raise ValueError(f"invalid layout {' '.join(map(str, kinds))!r}: {LAYOUT_HELP}.")
+        object.__setattr__(self, "kinds", kinds)
 
     @classmethod
     def parse(cls, spec: "str | Layout") -> "Layout":
+        """A layout from its words (``"layer in out"``), or ``spec`` itself if it is one."""
         if isinstance(spec, Layout):
             return spec
-        words = spec.split()
-        bad = [w for w in words if w not in _AXIS_WORDS]
-        if bad or "in" not in words or "out" not in words:
+        if not isinstance(spec, str):
             raise ValueError(f"invalid layout {spec!r}: {LAYOUT_HELP}.")
-        n_stack = 0
-        while n_stack < len(words) and words[n_stack] == "layer":
-            n_stack += 1
-        body = words[n_stack:]
-        first = body[0]
-        n_first = 0
-        while n_first < len(body) and body[n_first] == first:
-            n_first += 1
-        rest = body[n_first:]
-        if "layer" in body or not rest or any(w != rest[0] for w in rest):
-            raise ValueError(f"invalid layout {spec!r}: {LAYOUT_HELP}.")
-        if first == "in":
-            return cls(n_stack, n_first, len(rest), out_first=False)
-        return cls(n_stack, len(rest), n_first, out_first=True)
+        return cls(tuple(spec.split()))
+
+    def axes(self, kind: str) -> tuple[int, ...]:
+        """The positions of the axes of one kind (``"layer"``, ``"in"``, ``"out"``), in order."""
+        return tuple(a for a, k in enumerate(self.kinds) if k == kind)
 
     @property
     def ndim(self) -> int:
-        return self.n_stack + self.n_in + self.n_out
+        return len(self.kinds)
+
+    @property
+    def n_stack(self) -> int:
+        return len(self.axes("layer"))
+
+    @property
+    def n_in(self) -> int:
+        return len(self.axes("in"))
+
+    @property
+    def n_out(self) -> int:
+        return len(self.axes("out"))
 
     def __str__(self) -> str:
-        groups = ["in"] * self.n_in, ["out"] * self.n_out
-        body = groups[1] + groups[0] if self.out_first else groups[0] + groups[1]
-        return " ".join(["layer"] * self.n_stack + body)
+        return " ".join(self.kinds)
+
+    @property
+    def _order(self) -> tuple[int, ...]:
+        return self.axes("layer") + self.axes("in") + self.axes("out")
 
     def split(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """``shape`` → ``(stack_shape, in_shape, out_shape)``."""
-        stack, body = tuple(shape[: self.n_stack]), tuple(shape[self.n_stack :])
-        if self.out_first:
-            return stack, body[self.n_out :], body[: self.n_out]
-        return stack, body[: self.n_in], body[self.n_in :]
+        """``shape`` → ``(stack_shape, in_shape, out_shape)``, each in the kernel's axis order."""
+        return tuple(tuple(shape[a] for a in self.axes(k)) for k in _AXIS_WORDS)
 
     def to_matrix(self, w):
         """A kernel of this layout → ``(*stack, in, out)``."""
         stack, ins, outs = self.split(w.shape)
-        if self.out_first:
-            w = w.reshape(*stack, math.prod(outs), math.prod(ins))
-            return w.swapaxes(-1, -2)
+        order = self._order
+        if order != tuple(range(len(order))):
+            w = w.transpose(order)
         return w.reshape(*stack, math.prod(ins), math.prod(outs))
 
     def from_matrix(self, m, shape: Sequence[int]):
         """``(*stack, in, out)`` → a kernel of this layout with the given ``shape``."""
-        if self.out_first:
-            m = m.swapaxes(-1, -2)
-        return m.reshape(tuple(shape))
+        stack, ins, outs = self.split(shape)
+        order = self._order
+        m = m.reshape(stack + ins + outs)
+        if order != tuple(range(len(order))):
+            m = m.transpose([order.index(a) for a in range(len(order))])
+        return m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,33 +146,12 @@ class Target:
 
 
 # --- presets ---------------------------------------------------------------------------------
-# One regex per family and concept; paths are those of transformers' Flax models (GPT-2, Llama,
-# BERT, RoBERTa) and of linen/NNX models that use the same module names.
-_BERT_LAYER = r"(^|/)encoder/layer/(\d+/)?"
-TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "qv": (
-        r"(^|/)attn/c_attn/kernel$",  # GPT-2: q, k and v share one fused kernel
-        r"(^|/)self_attn/(q_proj|v_proj)/kernel$",  # Llama
-        _BERT_LAYER + r"attention/self/(query|value)/kernel$",  # BERT, RoBERTa
-    ),
-    "attention": (
-        r"(^|/)attn/(c_attn|c_proj)/kernel$",
-        r"(^|/)self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel$",
-        _BERT_LAYER + r"attention/(self/(query|key|value)|output/dense)/kernel$",
-    ),
-    "all-linear": (
-        r"(^|/)(attn/(c_attn|c_proj)|mlp/(c_fc|c_proj))/kernel$",
-        r"(^|/)(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel$",
-        _BERT_LAYER + r"(attention/(self/(query|key|value)|output/dense)|intermediate/dense|output/dense)/kernel$",
-    ),
-}
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {name: _families.preset_patterns(name) for name in _families.PRESETS}
+"""Each preset's regexes over every known family (see :mod:`lrtt._families`). On params of a
+recognized family a preset means that family's kinds, and each must be found."""
 
-# Layouts that differ from the 2-D default, per family. GPT-2's Conv1D stores (out, in).
-LAYOUT_PRESETS: dict[str, dict[str, str]] = {
-    "gpt2": {r"(^|/)(attn/(c_attn|c_proj)|mlp/(c_fc|c_proj))/kernel$": "out in"},
-}
-
-_FAMILY_SIGNATURES = {
+# The transformers families whose names the PEFT interop maps (lrtt._hf_names).
+_HF_SIGNATURES = {
     "gpt2": r"(^|/)h/\d+/attn/c_attn/kernel$",
     "llama": r"(^|/)layers/\d+/self_attn/q_proj/kernel$",
     "bert": r"(^|/)encoder/layer/\d+/attention/self/query/kernel$",
@@ -158,20 +159,21 @@ _FAMILY_SIGNATURES = {
 
 
 def detect_family(paths: Sequence[str]) -> str | None:
-    """``"gpt2"``, ``"llama"``, ``"bert"`` (BERT and RoBERTa share names) or None."""
-    for family, signature in _FAMILY_SIGNATURES.items():
+    """transformers naming: ``"gpt2"``, ``"llama"``, ``"bert"`` (BERT and RoBERTa) or None."""
+    for family, signature in _HF_SIGNATURES.items():
         if any(re.search(signature, p) for p in paths):
             return family
     return None
 
 
 def normalize_patterns(targets: "str | Sequence[str] | None", *, name: str = "targets") -> tuple[str, ...]:
-    """A preset name, a regex or a list of regexes → a tuple of compiled-checked regexes."""
+    """A preset name, a regex or a list of regexes → a tuple of checked regexes.
+
+    A preset stays its name, ``("qv",)``: :func:`select` resolves it on the params' family.
+    """
     if targets is None:
         return ()
     if isinstance(targets, str):
-        if targets in TARGET_PRESETS:
-            return TARGET_PRESETS[targets]
         targets = (targets,)
     patterns = tuple(targets)
     for pattern in patterns:
@@ -184,23 +186,52 @@ def normalize_patterns(targets: "str | Sequence[str] | None", *, name: str = "ta
     return patterns
 
 
+def preset_of(patterns: Sequence[str]) -> str | None:
+    """The preset name when ``patterns`` is one, else None."""
+    return patterns[0] if len(patterns) == 1 and patterns[0] in TARGET_PRESETS else None
+
+
+def _expand(patterns: Sequence[str]) -> tuple[str, ...]:
+    preset = preset_of(patterns)
+    return TARGET_PRESETS[preset] if preset else tuple(patterns)
+
+
+@functools.lru_cache(maxsize=None)
+def _regex(pattern: str) -> "re.Pattern":
+    """Compiled once per pattern (``re``'s own cache holds 512: a 70B model has more targets)."""
+    return re.compile(pattern)
+
+
 def matches(path: str, patterns: Sequence[str]) -> bool:
-    return any(re.search(p, path) for p in patterns)
+    return any(_regex(p).search(path) for p in _expand(patterns))
 
 
 def first_match(path: str, mapping: Sequence[tuple[str, Any]]) -> Any | None:
     """The value of the first ``(regex, value)`` pair whose regex finds ``path``."""
     for pattern, value in mapping:
-        if re.search(pattern, path):
+        if _regex(pattern).search(path):
             return value
     return None
+
+
+def freeze_targets(targets: "str | Sequence[str] | None", layouts: Any = (), *, name: str = "targets") -> tuple[str, ...]:
+    """``targets`` for storage in a method; ``"all-linear"`` with ``layouts=lrtt.discover(...)``
+    becomes the discovered linear kernels (the output head left out, as PEFT does)."""
+    patterns = normalize_patterns(targets, name=name)
+    if isinstance(layouts, Discovery) and preset_of(patterns) == "all-linear":
+        linear = layouts.linear()
+        if not linear:
+            raise ValueError(f"`{name}`='all-linear': lrtt.discover found no linear kernel besides the head:\n{layouts}")
+        return tuple("^" + re.escape(p) + "$" for p in linear)
+    return patterns
 
 
 def _no_match_message(name: str, patterns, paths: list[str]) -> str:
     shown = "\n  ".join(paths[:12]) + ("\n  ..." if len(paths) > 12 else "")
     return (
         f"`{name}` {list(patterns)} matched no leaf of the params. Patterns are regexes searched in "
-        f"each leaf's '/'-joined path; presets are {sorted(TARGET_PRESETS)}. The params have "
+        f"each leaf's '/'-joined path; presets are {sorted(TARGET_PRESETS)} (for the families "
+        f"{[f.name for f in _families.FAMILIES]}). The params have "
         f"{len(paths)} leaves, e.g.:\n  {shown}\nPass a regex that matches the kernels to adapt, "
         "e.g. targets=r'attn/.*/kernel$'."
     )
@@ -210,7 +241,7 @@ def select(
     params: Any,
     targets: "str | Sequence[str]",
     *,
-    layouts: Sequence[tuple[str, str]] = (),
+    layouts: "Mapping[str, str] | Sequence[tuple[str, str]] | Discovery" = (),
     name: str = "targets",
     require: bool = True,
 ) -> list[Target]:
@@ -228,16 +259,22 @@ def select(
         layout (not 2-D and none declared), or a layout does not fit the leaf's rank.
     """
     patterns = normalize_patterns(targets, name=name)
+    layouts = as_pairs(layouts)
     leaves = named_leaves(params)
     paths = [p for p, _ in leaves]
-    family = detect_family(paths)
-    layout_rules = list(layouts) + list(LAYOUT_PRESETS.get(family or "", {}).items())
+    family = _families.detect(paths)
+    preset = preset_of(patterns)
+    if preset and family is not None:
+        patterns = _families.resolve_preset(preset, family, paths)
+    shapes = {p: tuple(leaf.shape) for p, leaf in leaves}
     selected = []
     for path, leaf in leaves:
         if not matches(path, patterns):
             continue
         shape = tuple(leaf.shape)
-        spec = first_match(path, layout_rules)
+        spec = first_match(path, layouts)
+        if spec is None and family is not None:
+            spec = family.layout_of(path, shape, shapes)
         if spec is None:
             if len(shape) < 2:
                 raise ValueError(
@@ -249,8 +286,10 @@ def select(
             if len(shape) != 2:
                 raise ValueError(
                     f"`{name}` matched {path!r} of shape {shape}, which is not 2-D, and no layout "
-                    f"says which of its axes are in/out/stacked. Pass layouts={{{path!r}: "
-                    f"'layer in out'}} (or another layout: {LAYOUT_HELP}), or exclude the leaf "
+                    f"says which of its axes are in/out/stacked. Let lrtt read them off the model: "
+                    f"layouts = lrtt.discover(apply_fn, params, *example_inputs), then pass "
+                    f"layouts=layouts to the method (print(layouts) shows what each kernel is); or "
+                    f"declare it, layouts={{{path!r}: '...'}} ({LAYOUT_HELP}); or exclude the leaf "
                     f"from `{name}`."
                 )
             spec = "in out"
@@ -267,8 +306,13 @@ def select(
 
 
 def as_pairs(mapping: "Mapping[str, Any] | Sequence[tuple[str, Any]] | None") -> tuple[tuple[str, Any], ...]:
-    """Freeze a ``{regex: value}`` mapping into a hashable tuple of pairs (order kept)."""
+    """Freeze a ``{regex: value}`` mapping into a hashable tuple of pairs (order kept).
+
+    A :class:`lrtt.Discovery` (``path -> layout``) gives one anchored regex per path.
+    """
     if mapping is None:
         return ()
+    if isinstance(mapping, Discovery):
+        mapping = mapping.as_layouts()
     items = mapping.items() if isinstance(mapping, Mapping) else mapping
     return tuple((str(k), v) for k, v in items)

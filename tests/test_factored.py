@@ -512,11 +512,37 @@ ERRORS = {
     "dynamic_slice_in_axis": (lambda p, x: x[:, :4] @ lax.dynamic_slice_in_dim(p["w"], 2, 4), "`dynamic_slice`", "non-stack"),
     "gather_in_axis": (lambda p, x: x[:, :2] @ p["w"][jnp.array([0, 3])], "`gather`", "non-stack"),
     "both_operands": (lambda p, x: x @ (p["w"] @ p["w"].T), "`dot_general`", "both operands"),
-    "scan_carry": (lambda p, x: lax.scan(lambda w, _: (-w, None), p["w"], None, length=2)[0].sum() * x, "`scan`", "carry"),
+    "scan_carry": (lambda p, x: x @ lax.scan(lambda c, _: (p["w"], None), jnp.zeros((8, 12)), None, length=2)[0],
+                   "scan body", "in the form it entered"),
     "scan_in_axis": (lambda p, x: lax.scan(lambda c, row: (c + row, None), jnp.zeros(12), p["w"])[0] * x[:, :1], "`scan`", "not a stack axis"),
     "returned": (lambda p, x: p["w"], "the output of fn", "as an output"),
-    "cond_output": (lambda p, x: x @ lax.cond(x.sum() > 0, jnp.transpose, jnp.transpose, p["w"]).T, "cond branch", "as an output"),
+    "cond_output": (lambda p, x: x @ lax.cond(x.sum() > 0, lambda: p["w"], lambda: jnp.zeros((8, 12))),
+                    "cond branch", "different adapted leaves"),
 }
+
+
+# Adapted leaves leave function bodies as their arrays and are rebuilt outside (nnx.remat and
+# nnx.scan return module state; a cond may pick a kernel), never densified.
+BODIES = {
+    "remat": lambda p, x: x @ jax.checkpoint(lambda w, x: (w, jnp.sin(x)))(p["w"], x)[0],
+    "cond": lambda p, x: x @ lax.cond(x.sum() > 0, lambda w: w, lambda w: w.T.T, p["w"]),
+    "cond_transposed": lambda p, x: x @ lax.cond(x.sum() > 0, jnp.transpose, jnp.transpose, p["w"]).T,
+    "scan_carry": lambda p, x: x @ lax.scan(lambda w, _: (w, None), p["w"], None, length=2)[0],
+    "scan_ys": lambda p, x: x @ lax.scan(lambda c, _: (c, p["w"]), 0.0, None, length=3)[1][2],
+    "nested": lambda p, x: x @ jax.checkpoint(lambda w: lax.scan(lambda c, w: (c, w), 0.0, w[None])[1][0])(p["w"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BODIES))
+def test_adapted_leaves_leave_bodies_without_densifying(case):
+    fn = BODIES[case]
+    params = {"w": _normal(0, (8, 12))}
+    method = lrtt.LoRA(rank=2, targets="w")
+    adapter = random_adapter(method, params)
+    x = _normal(1, (2, 8))
+    factored_and_merged(method, params, adapter, fn, x)
+    grad = jax.grad(lambda ad: lrtt.factored(fn)(lrtt.wrap(method, params, ad), x).sum())
+    assert _dense_products(jax.make_jaxpr(grad)(adapter).jaxpr, {(8, 12), (12, 8)}) == []
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))

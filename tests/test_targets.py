@@ -68,10 +68,34 @@ def test_layout_parse_and_matrix_round_trip():
     np.testing.assert_array_equal(conv.from_matrix(w2.T, w2.shape), w2)
 
 
-@pytest.mark.parametrize("spec", ["in", "in layer out", "in out in", "x y", "out out"])
+@pytest.mark.parametrize("spec", ["in", "x y", "out out", "layer in", "", "in out kernel"])
 def test_bad_layouts_are_refused(spec):
     with pytest.raises(ValueError, match="invalid layout"):
         Layout.parse(spec)
+
+
+@pytest.mark.parametrize("spec, shape, split", [
+    ("out in out", (4, 3, 2), ((), (3,), (4, 2))),  # Gemma q_einsum (N, D, H)
+    ("out out in out", (2, 4, 3, 5), ((), (3,), (2, 4, 5))),  # Gemma kv_einsum (2, K, D, H)
+    ("in layer out out", (3, 2, 4, 5), ((2,), (3,), (4, 5))),  # MaxText, scanned on axis 1
+    ("in out in", (2, 5, 3), ((), (2, 3), (5,))),
+])
+def test_interleaved_layouts_read_each_group_in_axis_order(spec, shape, split):
+    layout = Layout.parse(spec)
+    assert layout.split(shape) == split and str(layout) == spec
+    w = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    m = layout.to_matrix(w)
+    stack, ins, outs = split
+    assert m.shape == stack + (int(np.prod(ins)), int(np.prod(outs)))
+    np.testing.assert_array_equal(layout.from_matrix(m, shape), w)
+    # entry [*s, i, o] of the matrix is the kernel entry whose in/out axes unravel i and o
+    s_idx = tuple(n - 1 for n in stack)
+    i_idx, o_idx = np.unravel_index(int(np.prod(ins)) - 2, ins), np.unravel_index(1, outs)
+    index = [0] * len(shape)
+    for kind, idx in (("layer", s_idx), ("in", i_idx), ("out", o_idx)):
+        for axis, v in zip(layout.axes(kind), idx):
+            index[axis] = v
+    assert m[s_idx + (int(np.prod(ins)) - 2, 1)] == w[tuple(index)]
 
 
 def test_no_match_lists_existing_paths():
