@@ -124,6 +124,23 @@ class Layout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Conflict:
+    """A leaf that :func:`lrtt.discover` saw used in incompatible ways: it has no one layout."""
+
+    path: str
+    uses: tuple[str, ...]
+
+    def error(self, name: str) -> ValueError:
+        uses = "\n  ".join(self.uses)
+        return ValueError(
+            f"`{name}` matched {self.path!r}, which the model uses in incompatible ways, so no "
+            f"layout reads it as one matrix (in, out):\n  {uses}\nAn adapter on it would change "
+            f"each use differently from what a dense ΔW does. Leave it out of `{name}`, or declare "
+            f"the layout you mean with layouts={{{self.path!r}: '...'}} (and check the other use)."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """One selected leaf: its path, shape, dtype and layout."""
 
@@ -273,6 +290,8 @@ def select(
             continue
         shape = tuple(leaf.shape)
         spec = first_match(path, layouts)
+        if isinstance(spec, Conflict):
+            raise spec.error(name)
         if spec is None and family is not None:
             spec = family.layout_of(path, shape, shapes)
         if spec is None:
@@ -313,6 +332,9 @@ def as_pairs(mapping: "Mapping[str, Any] | Sequence[tuple[str, Any]] | None") ->
     if mapping is None:
         return ()
     if isinstance(mapping, Discovery):
-        mapping = mapping.as_layouts()
+        conflicts = {"^" + re.escape(i.path) + "$": Conflict(i.path, tuple(f"{u.primitive} {u.layout or ''} at {u.where}"
+                                                                          for u in i.uses))
+                     for i in mapping.conflicts()}
+        mapping = {**mapping.as_layouts(), **conflicts}
     items = mapping.items() if isinstance(mapping, Mapping) else mapping
     return tuple((str(k), v) for k, v in items)

@@ -165,3 +165,14 @@ def test_all_linear_over_a_discovery_leaves_the_head_out():
     assert set(adapter) == {"w1", "w2"}
     assert lrtt.LoRA(rank=2, targets="all-linear", layouts=found) == method  # hashable, comparable
     factored_and_merged(method, params, random_adapter(method, params), fn, ids)
+
+
+def test_a_kernel_discover_saw_used_two_ways_is_refused_with_both_uses():
+    params = {"w": _normal(0, (D, D)), "u": _normal(1, (D, D))}
+    fn = lambda p, x: (x @ p["w"]) @ p["u"] + x @ p["w"].T  # noqa: E731
+    found = lrtt.discover(fn, params, _normal(2, (3, D)))
+    assert [i.path for i in found.conflicts()] == ["w"]
+    with pytest.raises(ValueError, match=r"(?s)'w'.*incompatible ways.*dot_general in out.*dot_general out in"):
+        lrtt.LoRA(rank=2, targets="w|u", layouts=found).init(jax.random.key(0), params)
+    adapter = lrtt.LoRA(rank=2, targets="u", layouts=found).init(jax.random.key(0), params)
+    assert set(adapter) == {"u"}

@@ -42,6 +42,44 @@ def test_presets_select_the_expected_leaves(family, preset):
     assert {t.path for t in select(params, preset)} == expected
 
 
+def _shapes(cls_name: str, config_name: str, **config):
+    import transformers
+
+    config = getattr(transformers, config_name)(vocab_size=50, max_position_embeddings=16, **config)
+    return getattr(transformers, cls_name)(config, _do_init=False).params_shape_tree
+
+
+MORE_FAMILIES = {  # family: (params from shapes only, layer prefix, {preset: module names})
+    "opt": (lambda: _shapes("FlaxOPTForCausalLM", "OPTConfig", num_hidden_layers=2, hidden_size=16, ffn_dim=32,
+                            num_attention_heads=2, word_embed_proj_dim=16),
+            "model/decoder/layers/{}/", {"qv": ["self_attn/q_proj", "self_attn/v_proj"],
+                                         "attention": [f"self_attn/{n}_proj" for n in ("q", "k", "v", "out")],
+                                         "all-linear": [f"self_attn/{n}_proj" for n in ("q", "k", "v", "out")]
+                                         + ["fc1", "fc2"]}),
+    "gpt_neo": (lambda: _shapes("FlaxGPTNeoForCausalLM", "GPTNeoConfig", num_layers=2, hidden_size=16, num_heads=2,
+                                attention_types=[[["global", "local"], 1]], window_size=4),
+                "transformer/h/{}/", {"qv": ["attn/attention/q_proj", "attn/attention/v_proj"],
+                                      "attention": [f"attn/attention/{n}_proj" for n in ("q", "k", "v", "out")],
+                                      "all-linear": [f"attn/attention/{n}_proj" for n in ("q", "k", "v", "out")]
+                                      + ["mlp/c_fc", "mlp/c_proj"]}),
+    "mistral": (lambda: _shapes("FlaxMistralForCausalLM", "MistralConfig", num_hidden_layers=2, hidden_size=16,
+                                intermediate_size=32, num_attention_heads=2, num_key_value_heads=1),
+                "model/layers/{}/", {"qv": ["self_attn/q_proj", "self_attn/v_proj"],
+                                     "attention": [f"self_attn/{n}_proj" for n in "qkvo"],
+                                     "all-linear": [f"self_attn/{n}_proj" for n in "qkvo"]
+                                     + [f"mlp/{n}_proj" for n in ("gate", "up", "down")]}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+def test_presets_of_opt_gpt_neo_mistral(family):
+    params, prefix, expected = MORE_FAMILIES[family]
+    params = params()
+    for preset, names in expected.items():
+        want = {prefix.format(i) + n + "/kernel" for i in range(2) for n in names}
+        assert {t.path for t in select(params, preset)} == want, preset
+
+
 def test_family_detection():
     assert detect_family([t for t in ["transformer/h/0/attn/c_attn/kernel"]]) == "gpt2"
     assert detect_family(["model/layers/3/self_attn/q_proj/kernel"]) == "llama"
