@@ -202,8 +202,9 @@ def _cat(axes: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(a for ax in axes for a in ax))
 
 
-def _reshape_groups(old: tuple, new: tuple) -> list[tuple[list[int], list[int]]] | None:
-    """Minimal groups ``(old axes, new axes)`` of equal product, in order."""
+def reshape_groups(old: tuple, new: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Minimal groups ``(old axes, new axes)`` of equal product, in order (None: the reshape
+    does not split into such groups). Shared with the factored interpreter's reshape rule."""
     groups, i, j = [], 0, 0
     while i < len(old) or j < len(new):
         seg_old, seg_new, p_old, p_new = [], [], 1, 1
@@ -234,7 +235,7 @@ def _reshape_part(part: _Part, old: tuple, new: tuple) -> _Part:
     """Each new axis covers the leaf axes of the old axes of its group (unit axes aside); a
     group whose new axes have exactly the sizes of the leaf axes it covers maps them one to one
     (a merge undone)."""
-    groups = _reshape_groups(old, new)
+    groups = reshape_groups(old, new)
     if groups is None:
         raise _Untracked
     axes: list = [()] * len(new)

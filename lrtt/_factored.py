@@ -30,6 +30,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lrtt._adapted import IN, OUT, STACK, AdaptedLeaf, View
+from lrtt._discover import reshape_groups
 from lrtt._lowrank import DotPlan, adapter_after, adapter_before, low_rank_branch
 
 UNSUPPORTED = (
@@ -177,28 +178,11 @@ def _transpose(ctx, eqn, invals):
 
 def _reshape_kinds(kinds, old, new) -> tuple[str, ...] | None:
     """Kinds of the axes of ``new``, or None when the reshape mixes the groups."""
-    out, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        seg_old, seg_new, p_old, p_new = [], [], 1, 1
-        if i < len(old):
-            seg_old.append(i)
-            p_old *= old[i]
-            i += 1
-        if j < len(new):
-            seg_new.append(j)
-            p_new *= new[j]
-            j += 1
-        while p_old != p_new:
-            if p_old < p_new and i < len(old):
-                seg_old.append(i)
-                p_old *= old[i]
-                i += 1
-            elif j < len(new):
-                seg_new.append(j)
-                p_new *= new[j]
-                j += 1
-            else:
-                return None
+    groups = reshape_groups(old, new)
+    if groups is None:
+        return None
+    out = []
+    for seg_old, seg_new in groups:
         found = {kinds[k] for k in seg_old if old[k] != 1} or {kinds[k] for k in seg_old}
         if len(found) > 1:
             return None

@@ -283,6 +283,7 @@ def test_save_pretrained_export_reloads_with_rope_theta(converted, model, tmp_pa
     np.testing.assert_allclose(_logits(reloaded, IDS), _logits(model, IDS), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.torch
 def test_matches_pytorch_llama(converted, weights, model):
     # The reference: transformers' PyTorch Llama on the original (un-permuted, (out, in)) weights.
     import torch
