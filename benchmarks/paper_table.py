@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lrtt import _config, _job, _tasks  # noqa: E402
+from lrtt.cli import _config, _job, _tasks  # noqa: E402
 
 CLASSIFICATION = ["full", "lora", "loretta_rep", "loretta_adp"]
 LM = ["lora", "loretta_rep"]

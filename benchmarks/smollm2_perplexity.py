@@ -39,7 +39,7 @@ def perplexity(model, tokenizer, text: str = PARAGRAPH) -> float:
 
 
 def main() -> None:
-    from lrtt._zoo import load_smollm2
+    from lrtt.cli.zoo import load_smollm2
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="conversion cache (default: $LRTT_CACHE/...)")

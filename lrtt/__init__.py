@@ -8,10 +8,7 @@ Methods are frozen dataclasses; everything else is a pure function over pytrees:
     out = lrtt.factored(apply)(lrtt.wrap(method, params, adapter), x)  # x·W0 + s·(x·A)·B
 """
 
-from lrtt import _optim as optim
-from lrtt import _train as train
-from lrtt import _tt as tt
-from lrtt import _zoo as zoo
+from lrtt import optim as optim, train as train, tt as tt
 from lrtt._adapted import (
     AdaptedLeaf as AdaptedLeaf,
     AdapterLeaf as AdapterLeaf,
@@ -89,6 +86,5 @@ __all__ = [
     "train",
     "tt",
     "unmerge",
-    "zoo",
     "wrap",
 ]

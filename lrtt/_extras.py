@@ -20,6 +20,8 @@ EXTRA_OF = {
     "matplotlib": "models",
     "torch": "interop",
     "peft": "interop",
+    "yaml": "cli",
+    "tqdm": "cli",
 }
 
 

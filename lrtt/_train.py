@@ -28,14 +28,10 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lrtt._adapted import wrap
 from lrtt._count import adapter_shapes
-from lrtt._sharding import (  # noqa: F401  (re-exported: lrtt.train.param_specs, ...)
-    COLUMN_PARALLEL,
-    PARAM_RULE_PRESETS,
-    ROW_PARALLEL,
-    adapter_specs,
-    param_specs,
-)
+from lrtt._factored import factored
+from lrtt._sharding import adapter_specs, param_specs
 
 FORWARDS = ("factored", "merged")
 
@@ -147,18 +143,11 @@ def make_loss(
 
         return loss
 
-    import lrtt
-
-    if not hasattr(lrtt, "factored") or not hasattr(lrtt, "wrap"):
-        raise ValueError(
-            "`forward`='factored' needs lrtt.factored / lrtt.wrap, which this installation does "
-            "not provide; use forward='merged' (LoRA, LorettaRep)."
-        )
-    factored_apply = lrtt.factored(apply_fn)
+    factored_apply = factored(apply_fn)
 
     def loss(adapter, params, batch, rng):
         adapter_key, model_key = jax.random.split(rng)
-        wrapped = lrtt.wrap(method, params, adapter, rng=adapter_key if dropout else None)
+        wrapped = wrap(method, params, adapter, rng=adapter_key if dropout else None)
         return loss_fn(factored_apply(wrapped, batch, model_key), batch)
 
     return loss

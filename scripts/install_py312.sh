@@ -37,7 +37,7 @@ fi
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check install)
 
 # 1. JAX stack (unpinned: newest on a fresh venv) and lrtt's own requirements.
-"${PIP[@]}" jax jaxlib flax optax orbax-checkpoint chex numpy pyyaml tqdm
+"${PIP[@]}" jax jaxlib flax optax orbax-checkpoint numpy pyyaml tqdm
 
 # 2. Light dependencies actually imported by
 #    `from gemma import gm` -> gm.nn.Transformer / gm.nn.config   (kauldron, dialog, sentencepiece),

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from lrtt import cli
+from lrtt.cli import _main as cli
 
 SMALL = [
     "--set", "data.max_len=32", "--set", "data.train_limit=16", "--set", "data.eval_limit=16",
@@ -51,7 +51,7 @@ def test_eval_and_export_agree(run_dir, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert metrics["accuracy"] == pytest.approx(summary["test"]["accuracy"])
     merged = FlaxBertForSequenceClassification.from_pretrained(run_dir / "merged")
-    from lrtt import _config, _job, _tasks
+    from lrtt.cli import _config, _job, _tasks
 
     config = _config.load("configs/minilm_bbc_loretta_rep.yaml", [*SMALL[1::2], f"output.dir={run_dir}"])
     task = _tasks.build_task(config)

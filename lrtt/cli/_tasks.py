@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt._config import RunConfig
+from lrtt.cli._config import RunConfig
 
 
 @dataclasses.dataclass
@@ -41,8 +41,8 @@ def _limit(arrays: dict[str, np.ndarray], limit: int | None) -> dict[str, np.nda
 
 def classification_task(config: RunConfig) -> Task:
     """all-MiniLM-L6-v2 with a fresh 5-way head on BBC News topics."""
-    from lrtt._data import BBC_CLASSES, bbc_news, encode_classification
-    from lrtt._zoo import load_minilm
+    from lrtt.cli._data import BBC_CLASSES, bbc_news, encode_classification
+    from lrtt.cli.zoo import load_minilm
 
     model, tokenizer = load_minilm(num_labels=len(BBC_CLASSES), seed=config.train.seed)
     raw = bbc_news(seed=config.data.seed)
@@ -68,8 +68,8 @@ def classification_task(config: RunConfig) -> Task:
 
 def lm_task(config: RunConfig) -> Task:
     """SmolLM2-135M-Instruct, next-token loss on BBC News text blocks of ``max_len`` tokens."""
-    from lrtt._data import bbc_news, lm_blocks
-    from lrtt._zoo import load_smollm2
+    from lrtt.cli._data import bbc_news, lm_blocks
+    from lrtt.cli.zoo import load_smollm2
 
     model, tokenizer = load_smollm2()
     raw = bbc_news(seed=config.data.seed)

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt._config import ConfigError, RunConfig
+from lrtt.cli._config import ConfigError, RunConfig
 from lrtt._count import num_params
 from lrtt._full import FullFineTune
 from lrtt._lora import LoRA
 from lrtt._loretta_adp import LorettaAdp
 from lrtt._loretta_rep import LorettaRep
-from lrtt._tasks import Task, build_task, summarize
+from lrtt.cli._tasks import Task, build_task, summarize
 
 METHOD_CLASSES = {"full": FullFineTune, "lora": LoRA, "loretta_rep": LorettaRep, "loretta_adp": LorettaAdp}
 
@@ -49,7 +49,7 @@ def build_method(config: RunConfig) -> Any:
 
 def _batch_iterator(arrays: dict, batch_size: int, seed: int, position: tuple[int, int]):
     """Endless shuffled batches from ``position = (epoch, index)``; yields (batch, next position)."""
-    from lrtt._data import batches, num_batches
+    from lrtt.cli._data import batches, num_batches
 
     n = len(next(iter(arrays.values())))
     per_epoch = num_batches(n, batch_size)

@@ -205,7 +205,7 @@ def llama_class():
 
     transformers' Flax Llama hard-codes the rotary base 10,000; SmolLM2 uses 100,000. A merged
     export of SmolLM2 (``lrtt export``, a ``save_pretrained`` directory whose config.json holds
-    ``rope_theta``) must be loaded with this class: ``lrtt.zoo.llama_class().from_pretrained(dir)``.
+    ``rope_theta``) must be loaded with this class: ``lrtt.cli.zoo.llama_class().from_pretrained(dir)``.
     With ``rope_theta == 10000`` it is the upstream model exactly.
     """
     import flax.linen as nn
@@ -332,7 +332,7 @@ def convert_gguf_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLi
     with needs_extra():
         from safetensors.numpy import save_file
 
-    from lrtt._gguf import read_gguf_llama
+    from lrtt.cli._gguf import read_gguf_llama
 
     gguf_path, cache = pathlib.Path(gguf_path), pathlib.Path(cache_dir)
     source_sha = _sha256(gguf_path)

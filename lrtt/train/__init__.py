@@ -1,0 +1,44 @@
+"""Training: steps that differentiate the adapter only (jit, pmap, jit + Mesh), their state,
+and the sharding rules of a Mesh. See :mod:`lrtt._train` and :mod:`lrtt._sharding`."""
+
+from lrtt._count import adapter_shapes as adapter_shapes
+from lrtt._sharding import (
+    PARAM_RULE_PRESETS as PARAM_RULE_PRESETS,
+    adapter_specs as adapter_specs,
+    param_specs as param_specs,
+)
+from lrtt._train import (
+    FORWARDS as FORWARDS,
+    MeshStep as MeshStep,
+    TrainState as TrainState,
+    adamw as adamw,
+    init_state as init_state,
+    jit_step as jit_step,
+    make_loss as make_loss,
+    mesh_step as mesh_step,
+    pmap_step as pmap_step,
+    replicate as replicate,
+    replicate_params as replicate_params,
+    split_batch as split_batch,
+    unreplicate as unreplicate,
+)
+
+__all__ = [
+    "FORWARDS",
+    "MeshStep",
+    "PARAM_RULE_PRESETS",
+    "TrainState",
+    "adamw",
+    "adapter_shapes",
+    "adapter_specs",
+    "init_state",
+    "jit_step",
+    "make_loss",
+    "mesh_step",
+    "param_specs",
+    "pmap_step",
+    "replicate",
+    "replicate_params",
+    "split_batch",
+    "unreplicate",
+]
