@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 
 from lrtt._adapter import BottleneckAdapter, LoraFactors, TTFactors, TTKernel, Trainable, entries
 from lrtt._paths import named_leaves, replace_leaves
-from lrtt._targets import Layout, Target, select
+from lrtt._targets import Layout, Target, exact_patterns, select
 
 NOT_MERGEABLE = (
     "{method} cannot be merged into the base weights: its adapter f(h) = s·U(act(D(h))) is "
@@ -22,7 +21,7 @@ NOT_MERGEABLE = (
 
 def _leaf_targets(params: Any, paths: set[str], layouts) -> dict[str, Target]:
     """Targets (path, shape, layout) of the adapted paths, reusing the method's layout rules."""
-    found = {t.path: t for t in select(params, [f"^{re.escape(p)}$" for p in paths], layouts=layouts, require=False)}
+    found = {t.path: t for t in select(params, exact_patterns(paths), layouts=layouts, require=False)}
     missing = paths - set(found)
     if missing:
         raise ValueError(

@@ -29,7 +29,7 @@ from lrtt._adapter import LoraFactors, TTFactors, Trainable, entries
 from lrtt._extras import needs_extra
 from lrtt._lora import LoRA
 from lrtt._paths import named_leaves, nest
-from lrtt._targets import Target, first_match, select
+from lrtt._targets import Target, exact_patterns, first_match, select
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -222,7 +222,7 @@ def save_peft(
 def _targets(params: Any, paths: Iterable[str], layouts) -> dict[str, Target]:
     """``{path: Target}`` (shape, layout; the family's layout presets apply) of the given leaves."""
     paths = set(paths)
-    found = {t.path: t for t in select(params, [f"^{re.escape(p)}$" for p in paths], layouts=layouts, require=False)}
+    found = {t.path: t for t in select(params, exact_patterns(paths), layouts=layouts, require=False)}
     if paths - set(found):
         raise ValueError(
             f"the adapter names leaves the params do not have: {sorted(paths - set(found))[:5]}. Was "
@@ -577,7 +577,7 @@ def _compact(paths: Sequence[str], universe: Iterable[str]) -> tuple[str, ...]:
     general = tuple(sorted({"^" + re.sub(r"(?<=/)\d+(?=/)", r"\\d+", re.escape(p)) + "$" for p in paths}))
     if {u for u in universe if any(re.search(g, u) for g in general)} == set(paths):
         return general
-    return tuple(f"^{re.escape(p)}$" for p in paths)
+    return exact_patterns(paths)
 
 
 def _method(config: dict, ranks: dict, alphas: dict, trainable: list[str], leaves: dict) -> LoRA:

@@ -8,7 +8,6 @@ kernel's in-axis spec, ``B: (*stack, r, out)`` its out-axis spec.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping
 
 import jax
@@ -17,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lrtt._adapter import LoraFactors, Trainable, entries, is_entry
 from lrtt._count import adapter_shapes
 from lrtt._paths import named_leaves, path_str
-from lrtt._targets import first_match, select
+from lrtt._targets import exact_patterns, first_match, select
 
 # Megatron-style tensor parallelism: column-parallel kernels shard their out axis, row-parallel
 # kernels their in axis (paths of the transformers Flax GPT-2, Llama and BERT families).
@@ -154,7 +153,7 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
     kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
     layouts = getattr(method, "layouts", ())
     low_rank = [p for p, e in entries(adapter).items() if isinstance(e, LoraFactors)]
-    targets = {t.path: t for t in select(params, [f"^{re.escape(p)}$" for p in low_rank], layouts=layouts, require=False)}
+    targets = {t.path: t for t in select(params, exact_patterns(low_rank), layouts=layouts, require=False)}
 
     def spec_of(keypath, entry):
         path = path_str(keypath)

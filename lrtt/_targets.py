@@ -213,22 +213,56 @@ def _expand(patterns: Sequence[str]) -> tuple[str, ...]:
     return TARGET_PRESETS[preset] if preset else tuple(patterns)
 
 
-@functools.lru_cache(maxsize=None)
-def _regex(pattern: str) -> "re.Pattern":
-    """Compiled once per pattern (``re``'s own cache holds 512: a 70B model has more targets)."""
-    return re.compile(pattern)
+def exact_patterns(paths: Sequence[str]) -> tuple[str, ...]:
+    """One anchored regex per path, matching that path only (looked up by dict, not searched)."""
+    return tuple("^" + re.escape(p) + "$" for p in paths)
+
+
+def _exact_path(pattern: str) -> str | None:
+    """The path an :func:`exact_patterns` regex stands for, or None for any other regex."""
+    if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$" or pattern.endswith("\\$"):
+        return None
+    inner = pattern[1:-1]
+    path = re.sub(r"\\(.)", r"\1", inner)
+    return path if re.escape(path) == inner else None
+
+
+@functools.lru_cache(maxsize=256)
+def _index(patterns: tuple[str, ...]) -> tuple[dict[str, int], tuple[tuple[int, "re.Pattern"], ...]]:
+    """``({exact path: first position}, ((position, compiled regex), ...))`` of a pattern list.
+
+    Exact-path patterns are dict lookups: a 70B model's 560 targets stay O(1) per leaf (and
+    Python's own regex cache of 512 entries does not thrash)."""
+    exact: dict[str, int] = {}
+    regexes = []
+    for i, pattern in enumerate(patterns):
+        path = _exact_path(pattern)
+        if path is not None:
+            exact.setdefault(path, i)
+        else:
+            regexes.append((i, re.compile(pattern)))
+    return exact, tuple(regexes)
+
+
+def _first(path: str, patterns: tuple[str, ...]) -> int | None:
+    exact, regexes = _index(patterns)
+    found = exact.get(path)
+    for i, regex in regexes:
+        if found is not None and i > found:
+            break
+        if regex.search(path):
+            return i
+    return found
 
 
 def matches(path: str, patterns: Sequence[str]) -> bool:
-    return any(_regex(p).search(path) for p in _expand(patterns))
+    return _first(path, tuple(_expand(patterns))) is not None
 
 
 def first_match(path: str, mapping: Sequence[tuple[str, Any]]) -> Any | None:
     """The value of the first ``(regex, value)`` pair whose regex finds ``path``."""
-    for pattern, value in mapping:
-        if _regex(pattern).search(path):
-            return value
-    return None
+    i = _first(path, tuple(pattern for pattern, _ in mapping))
+    return None if i is None else mapping[i][1]
 
 
 def freeze_targets(targets: "str | Sequence[str] | None", layouts: Any = (), *, name: str = "targets") -> tuple[str, ...]:
@@ -239,7 +273,7 @@ def freeze_targets(targets: "str | Sequence[str] | None", layouts: Any = (), *, 
         linear = layouts.linear()
         if not linear:
             raise ValueError(f"`{name}`='all-linear': lrtt.discover found no linear kernel besides the head:\n{layouts}")
-        return tuple("^" + re.escape(p) + "$" for p in linear)
+        return exact_patterns(linear)
     return patterns
 
 
