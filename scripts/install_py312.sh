@@ -3,7 +3,7 @@
 # end of lrtt's JAX range, so a JAX release that changes a primitive breaks CI before users) plus
 # the model libraries gemma (gm.nn), google-tunix (NNX Llama 3) and qwix, WITHOUT TensorFlow.
 # Everything lrtt's tests need except PyTorch (no CPU wheel is served for 3.12 here): CI runs
-# `.venv312/bin/python -m pytest -q -m "not torch"`.
+# `.venv312/bin/python -m pytest -q -n 2 -m "not torch"`.
 #
 # gemma, kauldron, google-tunix and dialog are installed with --no-deps: their declared
 # requirements pull tensorflow-cpu, tensorflow_datasets, opencv, datasets, kagglehub, numba,
