@@ -15,6 +15,16 @@ def counting_tokens(rng: np.random.Generator, batch: int = 8, length: int = 16, 
     return jnp.asarray(3 + (starts + strides * np.arange(length)) % (vocab - 3), jnp.int32)
 
 
+def random_linen_params(model, tokens, rng: np.random.Generator):
+    """Random weights of a linen model's real shapes: ``jax.eval_shape`` traces its init without
+    compiling it (with a real model, the params of a restored checkpoint go here). Norm scales
+    around 1, everything else ``N(0, 0.2²)``."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(("norm" in jax.tree_util.keystr(path)) + 0.2 * rng.standard_normal(x.shape), x.dtype),
+        shapes)
+
+
 def fit_and_check(method, params, apply, tokens, *, steps: int = 30, learning_rate: float = 1e-2):
     """AdamW on next-token loss through ``lrtt.factored(apply)``; then ``merge`` must reproduce it.
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lrtt  # noqa: E402
-from _lm import counting_tokens, fit_and_check  # noqa: E402  (examples/_lm.py)
+from _lm import counting_tokens, fit_and_check, random_linen_params  # noqa: E402  (examples/_lm.py)
 
 VOCAB, EMBED, LAYERS, HEADS, HEAD_DIM, MLP = 128, 32, 2, 4, 8, 64
 
@@ -91,12 +91,7 @@ class Transformer(nn.Module):
 model = Transformer()
 rng = np.random.default_rng(0)
 tokens = counting_tokens(rng)  # 8 sequences of 16 tokens counting up by a stride
-# Random weights of the real shapes (jax.eval_shape traces the init without compiling it); with
-# MaxText, the params of a checkpoint restored by Orbax.
-shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-params = jax.tree_util.tree_map_with_path(  # norm scales around 1, kernels N(0, 0.2²)
-    lambda path, x: jnp.asarray(("norm" in jax.tree_util.keystr(path)) + 0.2 * rng.standard_normal(x.shape), x.dtype),
-    shapes)
+params = random_linen_params(model, tokens, rng)  # with MaxText: a restored checkpoint's params
 
 
 def apply(params, tokens):

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lrtt  # noqa: E402
-from _lm import counting_tokens, fit_and_check  # noqa: E402  (examples/_lm.py)
+from _lm import counting_tokens, fit_and_check, random_linen_params  # noqa: E402  (examples/_lm.py)
 
 VOCAB, EMBED, EXPERTS, MLP = 128, 32, 4, 64
 
@@ -63,11 +63,7 @@ class MoeModel(nn.Module):
 model = MoeModel()
 rng = np.random.default_rng(0)
 tokens = counting_tokens(rng)  # 8 sequences of 16 tokens counting up by a stride
-# Random weights of the real shapes (jax.eval_shape traces the init without compiling it).
-shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-params = jax.tree_util.tree_map_with_path(  # norm scales around 1, kernels N(0, 0.2²)
-    lambda path, x: jnp.asarray(("norm" in jax.tree_util.keystr(path)) + 0.2 * rng.standard_normal(x.shape), x.dtype),
-    shapes)
+params = random_linen_params(model, tokens, rng)
 
 
 def apply(params, tokens):
