@@ -39,6 +39,7 @@ from lrtt._export import export_merged as export_merged, load_merged as load_mer
 from lrtt._factored import factored as factored
 from lrtt._full import FullFineTune as FullFineTune
 from lrtt._lora import LoRA as LoRA
+from lrtt._method import Method as Method
 from lrtt._loretta_adp import LorettaAdp as LorettaAdp
 from lrtt._loretta_rep import LorettaRep as LorettaRep
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
@@ -64,6 +65,7 @@ __all__ = [
     "LorettaAdp",
     "LorettaRep",
     "LowRankLeaf",
+    "Method",
     "TARGET_PRESETS",
     "TTFactors",
     "TTKernel",

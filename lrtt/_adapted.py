@@ -98,12 +98,6 @@ class LowRankLeaf(AdaptedLeaf):
             out["key"] = (self.key, (None, 0, 0))
         return out
 
-    def dense(self):
-        """``W0 + scale·A·B`` in the leaf's shape and dtype (sum formed in float32)."""
-        delta = self.scale * jnp.matmul(self.a, self.b, precision=jax.lax.Precision.HIGHEST)
-        delta = self.layout.from_matrix(delta, self.w0.shape)
-        return (self.w0.astype(jnp.float32) + delta.astype(jnp.float32)).astype(self.w0.dtype)
-
 
 @_register(
     ("w0", "b0", "down", "down_bias", "up", "up_bias"),
@@ -209,9 +203,9 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
     """
     flat = entries(adapter)
     shaped = {p for p, e in flat.items() if not isinstance(e, Trainable)}
-    targets = _leaf_targets(params, shaped, getattr(method, "layouts", ()))
+    targets = _leaf_targets(params, shaped, method.layouts)
     base = dict(named_leaves(params))
-    rate = float(getattr(method, "dropout", 0.0) or 0.0)
+    rate = float(method.dropout)
     low_rank = [p for p, e in flat.items() if isinstance(e, (LoraFactors, TTFactors))]
     keys = {}
     if rng is not None and rate > 0.0 and low_rank:

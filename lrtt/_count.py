@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from lrtt._adapter import entries
+from lrtt._method import Method
 from lrtt._paths import named_leaves
 
 
@@ -43,10 +44,7 @@ def count_rows(method: Any, params: Any) -> list[tuple[str, int, int]]:
 
 
 def method_label(method: Any) -> str:
-    config = method.to_config()
-    keys = {"LoRA": ("rank",), "LorettaRep": ("rank", "tt_rank"), "LorettaAdp": ("bottleneck", "tt_rank")}
-    shown = ", ".join(f"{k}={config[k]}" for k in keys.get(config["method"], ()))
-    return f"{config['method']}({shown})"
+    return method.label
 
 
 def parameter_table(params: Any, methods: Sequence[Any] | Mapping[str, Any]) -> str:
@@ -58,7 +56,7 @@ def parameter_table(params: Any, methods: Sequence[Any] | Mapping[str, Any]) -> 
     """
     labelled = list(methods.items()) if isinstance(methods, Mapping) else [(None, m) for m in methods]
     for label, method in labelled:
-        if not hasattr(method, "init"):
+        if not isinstance(method, Method):
             raise TypeError(
                 f"parameter_table got {method!r}{f' under {label!r}' if label else ''} where a method "
                 "(lrtt.LoRA, lrtt.LorettaRep, ...) was expected; pass a list of methods or a "

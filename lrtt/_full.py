@@ -12,12 +12,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtt._method import freeze_patterns, to_config, trainable_copies
+from lrtt._method import Method, freeze_patterns, trainable_copies
 from lrtt._paths import nest
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FullFineTune:
+class FullFineTune(Method):
     """Train the params themselves: the adapter is a ``Trainable`` copy of each selected leaf.
 
     Args:
@@ -28,6 +28,7 @@ class FullFineTune:
     param_dtype: Any = jnp.float32
 
     mergeable = True
+    LABEL_FIELDS = ()
     layouts = ()
 
     def __post_init__(self):
@@ -40,5 +41,3 @@ class FullFineTune:
         del key
         return nest(trainable_copies(params, self.trainable, exclude=set()))
 
-    def to_config(self) -> dict:
-        return to_config(self)

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 
 from lrtt._adapter import LoraFactors
 from lrtt._method import (
+    Method,
     check_positive_int,
     check_probability,
-    check_scale_numerator,
     check_rank,
+    check_scale_numerator,
     freeze_patterns,
     split_keys,
-    to_config,
     trainable_copies,
 )
 from lrtt._paths import nest
@@ -25,7 +25,7 @@ from lrtt._targets import Target, as_pairs, first_match, select
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRA:
+class LoRA(Method):
     """Low-rank adaptation of the kernels matched by ``targets``.
 
     .. math::  y = x W_0 + \\tfrac{\\alpha}{r}\\, \\mathrm{dropout}(x) A B + b,
@@ -72,17 +72,17 @@ class LoRA:
     param_dtype: Any = jnp.float32
 
     mergeable = True
+    LABEL_FIELDS = ("rank",)
 
     def __post_init__(self):
-        check_positive_int(self.rank, "rank")
+        object.__setattr__(self, "rank", check_positive_int(self.rank, "rank"))
         check_probability(self.dropout, "dropout")
         object.__setattr__(self, "targets", freeze_patterns(self.targets, "targets", self.layouts))
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
-        object.__setattr__(self, "rank_pattern", as_pairs(self.rank_pattern))
+        object.__setattr__(self, "rank_pattern", tuple(
+            (pattern, check_positive_int(rank, f"rank_pattern[{pattern!r}]")) for pattern, rank in as_pairs(self.rank_pattern)))
         object.__setattr__(self, "alpha_pattern", as_pairs(self.alpha_pattern))
         object.__setattr__(self, "layouts", as_pairs(self.layouts))
-        for pattern, rank in self.rank_pattern:
-            check_positive_int(rank, f"rank_pattern[{pattern!r}]")
         if self.alpha is not None:
             check_scale_numerator(self.alpha, "alpha")
         for pattern, alpha in self.alpha_pattern:
@@ -118,5 +118,3 @@ class LoRA:
         flat.update(trainable_copies(params, self.trainable, exclude=set(flat)))
         return nest(flat)
 
-    def to_config(self) -> dict:
-        return to_config(self)

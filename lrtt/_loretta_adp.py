@@ -11,11 +11,11 @@ import jax.numpy as jnp
 from lrtt import _tt
 from lrtt._adapter import ACTIVATIONS, BottleneckAdapter, TTKernel
 from lrtt._method import (
+    Method,
     check_choice,
     check_positive_int,
     freeze_patterns,
     split_keys,
-    to_config,
     trainable_copies,
 )
 from lrtt._paths import nest
@@ -49,7 +49,7 @@ def _preset(value: Any, position: str) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LorettaAdp:
+class LorettaAdp(Method):
     """Tensorized bottleneck adapters after (or before) the matched linear layers.
 
     .. math::  f(h) = s\\,(\\mathrm{act}(h D + d)\\, U + u), \\qquad
@@ -93,10 +93,11 @@ class LorettaAdp:
     param_dtype: Any = jnp.float32
 
     mergeable = False
+    LABEL_FIELDS = ("bottleneck", "tt_rank")
 
     def __post_init__(self):
-        check_positive_int(self.bottleneck, "bottleneck")
-        check_positive_int(self.tt_rank, "tt_rank")
+        object.__setattr__(self, "bottleneck", check_positive_int(self.bottleneck, "bottleneck"))
+        object.__setattr__(self, "tt_rank", check_positive_int(self.tt_rank, "tt_rank"))
         check_choice(self.activation, "activation", tuple(ACTIVATIONS))
         check_choice(self.initializer, "initializer", ADP_INITS)
         object.__setattr__(self, "after", _preset(self.after, "after"))
@@ -167,5 +168,3 @@ class LorettaAdp:
         flat.update(trainable_copies(params, patterns, exclude=set(flat)))
         return nest(flat)
 
-    def to_config(self) -> dict:
-        return to_config(self)

@@ -12,14 +12,14 @@ import jax.numpy as jnp
 from lrtt import _tt
 from lrtt._adapter import TTFactors
 from lrtt._method import (
+    Method,
     check_choice,
     check_positive_int,
     check_probability,
-    check_scale_numerator,
     check_rank,
+    check_scale_numerator,
     freeze_patterns,
     split_keys,
-    to_config,
     trainable_copies,
 )
 from lrtt._paths import nest
@@ -50,7 +50,7 @@ def resolve_pair(tt_shape: Any, shape_a: tuple[int, int], shape_b: tuple[int, in
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LorettaRep:
+class LorettaRep(Method):
     """LoRA whose factors ``A: (in, r)`` and ``B: (r, out)`` are tensor trains.
 
     .. math::  y = x W_0 + \\tfrac{\\alpha}{r}\\, \\mathrm{TT}_B(\\mathrm{TT}_A(\\mathrm{dropout}(x))) + b,
@@ -89,10 +89,11 @@ class LorettaRep:
     param_dtype: Any = jnp.float32
 
     mergeable = True
+    LABEL_FIELDS = ("rank", "tt_rank")
 
     def __post_init__(self):
-        check_positive_int(self.rank, "rank")
-        check_positive_int(self.tt_rank, "tt_rank")
+        object.__setattr__(self, "rank", check_positive_int(self.rank, "rank"))
+        object.__setattr__(self, "tt_rank", check_positive_int(self.tt_rank, "tt_rank"))
         check_scale_numerator(self.alpha, "alpha")
         check_probability(self.dropout, "dropout")
         check_choice(self.initializer, "initializer", REP_INITS)
@@ -117,7 +118,8 @@ class LorettaRep:
         return targets
 
     def init(self, key: jax.Array, params: Any) -> dict:
-        """Gaussian TT cores for ``TT_A`` and ``TT_B`` of every target (see ``init``)."""
+        """Gaussian TT cores for ``TT_A`` and ``TT_B`` of every target; with
+        ``initializer="zero_delta"`` the last core of ``TT_B`` is zero (``ΔW = 0`` at step 0)."""
         targets = self.plan(params)
         flat: dict[str, Any] = {}
         for target, k in zip(targets, split_keys(key, len(targets))):
@@ -134,5 +136,3 @@ class LorettaRep:
         flat.update(trainable_copies(params, self.trainable, exclude=set(flat)))
         return nest(flat)
 
-    def to_config(self) -> dict:
-        return to_config(self)

@@ -52,12 +52,12 @@ def delta(method: Any, params: Any, adapter: Any) -> dict[str, jax.Array]:
     """
     _require_mergeable(method)
     low_rank = {p: e for p, e in entries(adapter).items() if isinstance(e, (LoraFactors, TTFactors))}
-    targets = _leaf_targets(params, set(low_rank), getattr(method, "layouts", ()))
+    targets = _leaf_targets(params, set(low_rank), method.layouts)
     return {p: low_rank_delta(e, targets[p]) for p, e in low_rank.items()}
 
 
 def _require_mergeable(method: Any) -> None:
-    if not getattr(method, "mergeable", False):
+    if not method.mergeable:
         raise ValueError(NOT_MERGEABLE.format(method=type(method).__name__))
 
 

@@ -21,28 +21,63 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from lrtt import _tt
 from lrtt._adapter import Trainable
 from lrtt._paths import named_leaves
 from lrtt._targets import freeze_targets, matches
 
 
-def to_config(method: Any) -> dict:
-    """A JSON-able dict of a method's fields plus its class name under ``"method"``."""
+class Method:
+    """The interface every lrtt method implements; subclasses are frozen, keyword-only dataclasses.
 
-    def plain(value):
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, type) or hasattr(value, "itemsize"):  # a dtype
-            return jnp.dtype(value).name
-        return value
+    Defaults here are those of a method without the feature (a subclass's dataclass field
+    overrides them): no target patterns, no layouts, no adapter dropout, not mergeable.
+    Subclasses implement :meth:`init` and :meth:`plan` and name the fields shown in their
+    :attr:`label` in ``LABEL_FIELDS``.
+    """
 
-    fields = {f.name: plain(getattr(method, f.name)) for f in dataclasses.fields(method)}
-    return {"method": type(method).__name__, **fields}
+    targets: tuple = ()
+    layouts: tuple = ()
+    dropout: float = 0.0
+    mergeable: bool = False
+    LABEL_FIELDS: tuple[str, ...] = ()
+
+    def init(self, key: jax.Array, params: Any) -> Any:
+        """The adapter: a tree of the new, trainable entries, keyed like the leaves they adapt."""
+        raise NotImplementedError
+
+    def plan(self, params: Any) -> tuple:
+        """The :class:`lrtt._targets.Target` leaves this method adapts (errors raised here)."""
+        raise NotImplementedError
+
+    def to_config(self) -> dict:
+        """A JSON-able dict of the method's fields plus its class name under ``"method"``."""
+
+        def plain(value):
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            if isinstance(value, type) or hasattr(value, "itemsize"):  # a dtype
+                return jnp.dtype(value).name
+            return value
+
+        fields = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"method": type(self).__name__, **fields}
+
+    @property
+    def label(self) -> str:
+        """``"LoRA(rank=8)"``: the class and the fields that tell two instances apart in a table."""
+        shown = ", ".join(f"{k}={getattr(self, k)}" for k in self.LABEL_FIELDS)
+        return f"{type(self).__name__}({shown})"
 
 
-def check_positive_int(value: Any, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+def to_config(method: Method) -> dict:
+    """``method.to_config()`` (kept for callers of the function form)."""
+    return method.to_config()
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` (numpy integers too, not bool) if ``>= 1``, else a ValueError."""
+    return _tt._check_int(value, name)
 
 
 def check_scale_numerator(value: Any, name: str) -> None:

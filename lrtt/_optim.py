@@ -38,8 +38,6 @@ from lrtt._paths import named_leaves, path_str
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 
-Where = "None | str | Sequence[str] | set[str] | Callable[[str, Any], bool]"
-
 NO_ENTRIES = (
     "`where`=None selects the leaves of lrtt adapter entries ({types}), but the tree holds no "
     "entry; its leaves are e.g.:\n  {paths}\nPass the tree that contains the adapter (e.g. "

@@ -132,7 +132,7 @@ def save_peft(
       >>> jax.tree.map(jnp.shape, loaded)["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
       LoraFactors(a=(16, 4), b=(4, 32), scale=2.0)
     """
-    if not getattr(method, "mergeable", False):
+    if not method.mergeable:
         raise ValueError(NO_PEFT_EQUIVALENT.format(method=type(method).__name__))
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"`task_type` must be one of {list(TASK_TYPES)} or None, got {task_type!r}.")
@@ -151,7 +151,7 @@ def save_peft(
             "the adapter has no LoRA factors to save (PEFT's format needs at least one target). "
             "Pass the adapter returned by method.init(key, params) after training."
         )
-    targets = _targets(params, low_rank, getattr(method, "layouts", ()))
+    targets = _targets(params, low_rank, method.layouts)
     rslora = bool(getattr(method, "rslora", False))
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -193,7 +193,7 @@ def save_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": lora_alpha,
-        "lora_dropout": float(getattr(method, "dropout", 0.0)),
+        "lora_dropout": float(method.dropout),
         "use_rslora": rslora,
         "target_modules": _target_names(set(ranks), candidates, scope),
         "rank_pattern": _pattern_keys({m: v for m, v in ranks.items() if v != r}, ranks, r),

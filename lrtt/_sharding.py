@@ -151,7 +151,7 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
     if adapter is None:
         adapter = adapter_shapes(method, params)
     kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
-    layouts = getattr(method, "layouts", ())
+    layouts = method.layouts
     low_rank = [p for p, e in entries(adapter).items() if isinstance(e, LoraFactors)]
     targets = {t.path: t for t in select(params, exact_patterns(low_rank), layouts=layouts, require=False)}
 

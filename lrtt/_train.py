@@ -125,11 +125,11 @@ def make_loss(
     """
     if forward not in FORWARDS:
         raise ValueError(f"`forward` must be one of {list(FORWARDS)}, got {forward!r}.")
-    dropout = float(getattr(method, "dropout", 0.0) or 0.0)
+    dropout = float(method.dropout)
     if forward == "merged":
         from lrtt._merge import NOT_MERGEABLE, merge
 
-        if not getattr(method, "mergeable", False):
+        if not method.mergeable:
             raise ValueError(NOT_MERGEABLE.format(method=type(method).__name__))
         if dropout:
             raise ValueError(
@@ -360,7 +360,7 @@ def mesh_step(
         raise ValueError(f"`data_axis`={data_axis!r} is not an axis of the mesh {dict(mesh.shape)}.")
     named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    p_specs = param_specs(params, mesh, rules, layouts=getattr(method, "layouts", ()), data_axis=data_axis)
+    p_specs = param_specs(params, mesh, rules, layouts=method.layouts, data_axis=data_axis)
     adapter = adapter_shapes(method, params)
     a_specs = adapter_specs(method, params, p_specs, adapter)
     opt_shapes = jax.eval_shape(optimizer.init, adapter)

@@ -65,9 +65,9 @@ def _is_int(x) -> bool:
 
 
 def _check_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an ``int`` (any integral type, not bool) when it is ``>= minimum``."""
     if not _is_int(value) or value < minimum:
-        raise ValueError(
-            f"`{name}` must be an int >= {minimum}, got {value!r}; pass a positive integer")
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}; pass a positive integer.")
     return int(value)
 
 

@@ -44,7 +44,7 @@ PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check install)
 #    `from tunix.models.llama3 import model` (tunix/__init__ imports sft/rl/perf/utils eagerly),
 #    plus the HF Flax classes and the test tools.
 "${PIP[@]}" \
-    einops jaxtyping typeguard immutabledict ml_collections lark clu sentencepiece \
+    chex einops jaxtyping typeguard immutabledict ml_collections lark clu sentencepiece \
     pillow requests \
     google-metrax tensorboardX perfetto pandas huggingface_hub \
     "transformers>=4.45,<5" "safetensors>=0.4,<0.8" "tokenizers>=0.19" \

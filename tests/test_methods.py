@@ -180,3 +180,28 @@ def test_configs_are_json_able():
         config = json.loads(json.dumps(method.to_config()))
         assert config["method"] == type(method).__name__
         assert config["param_dtype"] == "float32"
+
+
+def test_numpy_integers_are_integers_everywhere():
+    """One positive-integer rule for methods and lrtt.tt: numpy integers pass (stored as int),
+    bools and floats do not."""
+    lora = lrtt.LoRA(rank=np.int64(8), rank_pattern={"q": np.int32(4)})
+    rep = lrtt.LorettaRep(rank=np.int64(4), tt_rank=np.int16(2))
+    assert type(lora.rank) is int and lora.rank_pattern == (("q", 4),) and type(lora.rank_pattern[0][1]) is int
+    assert (rep.rank, rep.tt_rank) == (4, 2) and lrtt.tt.tt_ranks((2, 3), np.int64(2)) == (1, 2, 1)
+    assert lora == lrtt.LoRA(rank=8, rank_pattern={"q": 4})
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match="`rank` must be an integer >= 1"):
+            lrtt.LoRA(rank=bad)
+        with pytest.raises(ValueError, match="`tt_rank` must be an integer >= 1"):
+            lrtt.tt.tt_ranks((2, 3), bad)
+
+
+def test_every_method_implements_the_one_interface():
+    for method in (lrtt.LoRA(), lrtt.LorettaRep(), lrtt.LorettaAdp(), lrtt.FullFineTune()):
+        assert isinstance(method, lrtt.Method)
+        assert method.to_config()["method"] == type(method).__name__
+        assert method.label.startswith(type(method).__name__ + "(")
+        assert isinstance(method.mergeable, bool) and isinstance(method.dropout, float)
+    assert lrtt.LorettaRep(rank=4, tt_rank=3).label == "LorettaRep(rank=4, tt_rank=3)"
+    assert not lrtt.LorettaAdp().mergeable and lrtt.LorettaAdp().layouts == ()

@@ -126,7 +126,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     return out_path
 
 
-def count_table(task_params: Any, method: Any, config: RunConfig) -> str:
+def count_table(task_params: Any, method: Any) -> str:
     """The method next to LoRA r=8 on q,v and full fine-tuning, from shapes only."""
     import lrtt
 
@@ -209,7 +209,7 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(metrics_path, out / "curves.png")
     print()
-    print(count_table(params, method, config))
+    print(count_table(params, method))
     print()
     headline = task.headline
     print(f"held-out test {headline}: {test[headline]:.4f}   (test loss {test['loss']:.4f}, {len(next(iter(task.splits['test'].values())))} examples)")

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             method = _job.build_method(config)
             from lrtt.cli._tasks import build_task
 
-            print(_job.count_table(build_task(config).params, method, config))
+            print(_job.count_table(build_task(config).params, method))
     except _config.ConfigError as err:
         print(f"lrtt: error: {err}", file=sys.stderr)
         return 2
