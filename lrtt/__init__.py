@@ -8,13 +8,7 @@ Methods are frozen dataclasses; everything else is a pure function over pytrees:
     out = lrtt.factored(apply)(lrtt.wrap(method, params, adapter), x)  # x·W0 + s·(x·A)·B
 """
 
-from lrtt import optim as optim, train as train, tt as tt
-from lrtt._adapted import (
-    AdaptedLeaf as AdaptedLeaf,
-    AdapterLeaf as AdapterLeaf,
-    LowRankLeaf as LowRankLeaf,
-    wrap as wrap,
-)
+from lrtt import io as io, methods as methods, optim as optim, train as train, tt as tt
 from lrtt._adapter import (
     BottleneckAdapter as BottleneckAdapter,
     LoraFactors as LoraFactors,
@@ -23,11 +17,6 @@ from lrtt._adapter import (
     Trainable as Trainable,
     entries as entries,
 )
-from lrtt._checkpoint import (
-    CheckpointCorruptError as CheckpointCorruptError,
-    CheckpointManager as CheckpointManager,
-    CheckpointMismatchError as CheckpointMismatchError,
-)
 from lrtt._count import (
     adapter_shapes as adapter_shapes,
     num_params as num_params,
@@ -35,16 +24,31 @@ from lrtt._count import (
     print_trainable_parameters as print_trainable_parameters,
 )
 from lrtt._discover import Discovery as Discovery, LeafInfo as LeafInfo, LeafUse as LeafUse, discover as discover
-from lrtt._export import export_merged as export_merged, load_merged as load_merged
-from lrtt._factored import factored as factored
-from lrtt._full import FullFineTune as FullFineTune
-from lrtt._lora import LoRA as LoRA
-from lrtt._method import Method as Method
-from lrtt._loretta_adp import LorettaAdp as LorettaAdp
-from lrtt._loretta_rep import LorettaRep as LorettaRep
+from lrtt._factored import (
+    AdaptedLeaf as AdaptedLeaf,
+    AdapterLeaf as AdapterLeaf,
+    LowRankLeaf as LowRankLeaf,
+    factored as factored,
+    wrap as wrap,
+)
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
-from lrtt._peft import load_peft as load_peft, save_peft as save_peft
 from lrtt._targets import Layout as Layout, TARGET_PRESETS as TARGET_PRESETS, select as select
+from lrtt.io import (
+    CheckpointCorruptError as CheckpointCorruptError,
+    CheckpointManager as CheckpointManager,
+    CheckpointMismatchError as CheckpointMismatchError,
+    export_merged as export_merged,
+    load_merged as load_merged,
+    load_peft as load_peft,
+    save_peft as save_peft,
+)
+from lrtt.methods import (
+    FullFineTune as FullFineTune,
+    LoRA as LoRA,
+    LorettaAdp as LorettaAdp,
+    LorettaRep as LorettaRep,
+    Method as Method,
+)
 
 __version__ = "0.1.0"
 
@@ -76,9 +80,11 @@ __all__ = [
     "entries",
     "export_merged",
     "factored",
+    "io",
     "load_merged",
     "load_peft",
     "merge",
+    "methods",
     "num_params",
     "optim",
     "parameter_table",

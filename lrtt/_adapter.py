@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lrtt import _tt
+from lrtt.tt import _core as _tt
 from lrtt._paths import named_leaves
 
 

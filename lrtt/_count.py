@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from lrtt._adapter import entries
-from lrtt._method import Method
+from lrtt.methods._base import Method
 from lrtt._paths import named_leaves
 
 
@@ -43,10 +43,6 @@ def count_rows(method: Any, params: Any) -> list[tuple[str, int, int]]:
     return [(group, n, count) for group, (n, count) in rows.items()]
 
 
-def method_label(method: Any) -> str:
-    return method.label
-
-
 def parameter_table(params: Any, methods: Sequence[Any] | Mapping[str, Any]) -> str:
     """A text table: per method, each target group's leaves and trainable counts, then totals.
 
@@ -66,7 +62,7 @@ def parameter_table(params: Any, methods: Sequence[Any] | Mapping[str, Any]) -> 
     lines: list[str] = []
     summary = []
     for label, method in labelled:
-        label = label or method_label(method)
+        label = label or method.label
         rows = count_rows(method, params)
         trainable = sum(r[2] for r in rows)
         summary.append((label, trainable))

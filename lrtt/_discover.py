@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from lrtt._jaxpr import reshape_groups, scan_counts
 from lrtt._paths import path_str
 
 __all__ = ["Discovery", "LeafInfo", "LeafUse", "discover"]
@@ -200,35 +201,6 @@ def _shape(var) -> tuple[int, ...]:
 
 def _cat(axes: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(a for ax in axes for a in ax))
-
-
-def reshape_groups(old: tuple, new: tuple) -> list[tuple[list[int], list[int]]] | None:
-    """Minimal groups ``(old axes, new axes)`` of equal product, in order (None: the reshape
-    does not split into such groups). Shared with the factored interpreter's reshape rule."""
-    groups, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        seg_old, seg_new, p_old, p_new = [], [], 1, 1
-        if i < len(old):
-            seg_old.append(i)
-            p_old *= old[i]
-            i += 1
-        if j < len(new):
-            seg_new.append(j)
-            p_new *= new[j]
-            j += 1
-        while p_old != p_new:
-            if p_old < p_new and i < len(old):
-                seg_old.append(i)
-                p_old *= old[i]
-                i += 1
-            elif j < len(new):
-                seg_new.append(j)
-                p_new *= new[j]
-                j += 1
-            else:
-                return None
-        groups.append((seg_old, seg_new))
-    return groups
 
 
 def _reshape_part(part: _Part, old: tuple, new: tuple) -> _Part:
@@ -468,11 +440,7 @@ class _Walker:
 
     def scan(self, eqn, vin: list, min_: list) -> tuple[list, list]:
         p = eqn.params
-        if "num_consts" in p:
-            n_c, n_carry = p["num_consts"], p["num_carry"]
-        else:
-            ft = p["ft_in"]
-            n_c, n_carry, _ = (len(g) for g in (ft.unpack() if hasattr(ft, "unpack") else ft))
+        n_c, n_carry = scan_counts(p)
         body = p["jaxpr"]
         consts, carry, xs = vin[:n_c], vin[n_c:n_c + n_carry], vin[n_c + n_carry:]
         for v in carry:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 ATTENTION = ("q", "k", "v", "o")
 PRESETS = ("qv", "attention", "all-linear")

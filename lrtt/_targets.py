@@ -167,7 +167,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {name: _families.preset_patterns(na
 """Each preset's regexes over every known family (see :mod:`lrtt._families`). On params of a
 recognized family a preset means that family's kinds, and each must be found."""
 
-# The transformers families whose names the PEFT interop maps (lrtt._hf_names).
+# The transformers families whose names the PEFT interop maps (lrtt.io._hf_names).
 _HF_SIGNATURES = {
     "gpt2": r"(^|/)h/\d+/attn/c_attn/kernel$",
     "llama": r"(^|/)layers/\d+/self_attn/q_proj/kernel$",

@@ -10,7 +10,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -141,7 +141,7 @@ def test_dense_layer_both_rank_paths(rank):
 
 def test_bf16_rank_r_update_rounds_once_like_a_dot():
     """The unrolled rank-r update accumulates bf16 in float32: the same error as a bf16 dot."""
-    from lrtt._lowrank import _MM, _dot, _rank_r
+    from lrtt._factored._lowrank import _MM, _dot, _rank_r
 
     u, v = _normal(1, (256, 16), 1.0).astype(jnp.bfloat16), _normal(2, (16, 384), 1.0).astype(jnp.bfloat16)
     exact = np.asarray(u.astype(jnp.float32) @ v.astype(jnp.float32))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lrtt
-from lrtt import _hf_names as names
+from lrtt.io import _hf_names as names
 from conftest import tiny_inputs
 
 # The interop extra (torch, peft) is required, not optional: a missing one fails these tests

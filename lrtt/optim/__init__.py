@@ -1,6 +1,6 @@
-"""Optimizer masking for one tree of frozen and adapter leaves. See :mod:`lrtt._optim`."""
+"""Optimizer masking for one tree of frozen and adapter leaves. See :mod:`lrtt.optim._frozen`."""
 
-from lrtt._optim import (
+from lrtt.optim._frozen import (
     FROZEN as FROZEN,
     TRAINABLE as TRAINABLE,
     adapter_labels as adapter_labels,

@@ -1,13 +1,13 @@
 """Training: steps that differentiate the adapter only (jit, pmap, jit + Mesh), their state,
-and the sharding rules of a Mesh. See :mod:`lrtt._train` and :mod:`lrtt._sharding`."""
+and the sharding rules of a Mesh. See :mod:`lrtt.train._steps` and :mod:`lrtt.train._sharding`."""
 
 from lrtt._count import adapter_shapes as adapter_shapes
-from lrtt._sharding import (
+from lrtt.train._sharding import (
     PARAM_RULE_PRESETS as PARAM_RULE_PRESETS,
     adapter_specs as adapter_specs,
     param_specs as param_specs,
 )
-from lrtt._train import (
+from lrtt.train._steps import (
     FORWARDS as FORWARDS,
     MeshStep as MeshStep,
     TrainState as TrainState,

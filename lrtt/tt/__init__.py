@@ -1,7 +1,7 @@
 """Tensor-train matrices: shapes, validation, Gaussian init, TT-SVD, materialize, apply.
-See :mod:`lrtt._tt`."""
+See :mod:`lrtt.tt._core`."""
 
-from lrtt._tt import (
+from lrtt.tt._core import (
     LORETTA_ADAPTER_DIMS as LORETTA_ADAPTER_DIMS,
     LORETTA_CLASSIFIER_DIMS as LORETTA_CLASSIFIER_DIMS,
     Cores as Cores,

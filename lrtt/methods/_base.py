@@ -8,7 +8,8 @@ It holds no arrays and is hashable, so it can be a static argument of ``jax.jit`
   leaves under ``jax.eval_shape`` (parameter counting from shapes only).
 * ``plan(params) -> tuple[Target, ...]``: the leaves it adapts (errors for a bad selection are
   raised here, at trace time, never on traced values).
-* ``to_config() -> dict``: a JSON-able description (checkpoints compare it on restore).
+* ``to_config() -> dict``: a JSON-able description (checkpoints compare it on restore), and
+  ``Method.from_config(config)``, its inverse.
 * ``mergeable``: whether ``W0 + ΔW`` is exact (LoRA, LorettaRep) or not (LorettaAdp).
 """
 
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtt import _tt
+from lrtt.tt import _core as _tt
 from lrtt._adapter import Trainable
 from lrtt._paths import named_leaves
 from lrtt._targets import freeze_targets, matches
@@ -41,6 +42,11 @@ class Method:
     dropout: float = 0.0
     mergeable: bool = False
     LABEL_FIELDS: tuple[str, ...] = ()
+    _REGISTRY: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Method._REGISTRY[cls.__name__] = cls
 
     def init(self, key: jax.Array, params: Any) -> Any:
         """The adapter: a tree of the new, trainable entries, keyed like the leaves they adapt."""
@@ -63,16 +69,51 @@ class Method:
         fields = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"method": type(self).__name__, **fields}
 
+    @classmethod
+    def from_config(cls, config: dict) -> "Method":
+        """The method ``config`` describes: the inverse of :meth:`to_config`.
+
+        ``Method.from_config`` picks the class named under ``"method"``; ``LoRA.from_config``
+        also checks that the config is a LoRA's. Lists become tuples and dtype names dtypes.
+
+        Raises:
+          ValueError: no class of that name, or a config of another method than ``cls``.
+
+        Example:
+          >>> import lrtt
+          >>> m = lrtt.LoRA(rank=4, targets=("q_proj/kernel",))
+          >>> lrtt.Method.from_config(m.to_config()) == m
+          True
+        """
+        config = dict(config)
+        name = config.pop("method", None)
+        method_cls = Method._REGISTRY.get(name)
+        if method_cls is None:
+            raise ValueError(
+                f"method config names {name!r}; known methods: {sorted(Method._REGISTRY)}. Pass a dict "
+                "made by method.to_config()."
+            )
+        if not issubclass(method_cls, cls):
+            raise ValueError(f"{cls.__name__}.from_config got the config of a {name}; use Method.from_config.")
+        fields = {f.name: f for f in dataclasses.fields(method_cls)}
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise ValueError(f"{name} has no fields {unknown}; its fields are {sorted(fields)}.")
+
+        def restore(key, value):
+            if isinstance(value, list):
+                return tuple(restore(key, v) for v in value)
+            if key.endswith("dtype") and isinstance(value, str):
+                return jnp.dtype(value)
+            return value
+
+        return method_cls(**{k: restore(k, v) for k, v in config.items()})
+
     @property
     def label(self) -> str:
         """``"LoRA(rank=8)"``: the class and the fields that tell two instances apart in a table."""
         shown = ", ".join(f"{k}={getattr(self, k)}" for k in self.LABEL_FIELDS)
         return f"{type(self).__name__}({shown})"
-
-
-def to_config(method: Method) -> dict:
-    """``method.to_config()`` (kept for callers of the function form)."""
-    return method.to_config()
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -6,7 +6,7 @@ PyTorch orientation, with ``ΔW_torch = (lora_alpha / r) · B_w @ A_w`` (``/ √
 ``use_rslora``). lrtt's ``A: (in, r)``, ``B: (r, out)`` are their transposes, whatever the
 kernel's layout (GPT-2's ``Conv1D`` included: ``fan_in_fan_out`` only changes how PEFT merges).
 Full-weight ``modules_to_save`` are stored as ``base_model.model.<module>.<param>``. Module names
-come from :mod:`lrtt._hf_names`; PEFT's matching rules (``target_modules``, ``rank_pattern``,
+come from :mod:`lrtt.io._hf_names`; PEFT's matching rules (``target_modules``, ``rank_pattern``,
 ``modules_to_save``) are mirrored from peft 0.21 and checked against it in the tests.
 """
 
@@ -24,10 +24,10 @@ from typing import Any, Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt import _hf_names as names
+from lrtt.io import _hf_names as names
 from lrtt._adapter import LoraFactors, TTFactors, Trainable, entries
 from lrtt._extras import needs_extra
-from lrtt._lora import LoRA
+from lrtt.methods._lora import LoRA
 from lrtt._paths import named_leaves, nest
 from lrtt._targets import Target, exact_patterns, first_match, select
 

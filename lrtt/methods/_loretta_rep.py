@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from lrtt import _tt
+from lrtt.tt import _core as _tt
 from lrtt._adapter import TTFactors
-from lrtt._method import (
+from lrtt.methods._base import (
     Method,
     check_choice,
     check_positive_int,

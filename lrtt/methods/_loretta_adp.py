@@ -8,9 +8,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtt import _tt
+from lrtt.tt import _core as _tt
 from lrtt._adapter import ACTIVATIONS, BottleneckAdapter, TTKernel
-from lrtt._method import (
+from lrtt.methods._base import (
     Method,
     check_choice,
     check_positive_int,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lrtt._adapter import LoraFactors
-from lrtt._method import (
+from lrtt.methods._base import (
     Method,
     check_positive_int,
     check_probability,

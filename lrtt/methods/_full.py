@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtt._method import Method, freeze_patterns, trainable_copies
+from lrtt.methods._base import Method, freeze_patterns, trainable_copies
 from lrtt._paths import nest
 
 
