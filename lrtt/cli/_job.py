@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import lrtt
+
 from lrtt.cli._config import ConfigError, RunConfig
 from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
 from lrtt.cli._tasks import Task, build_task, summarize
@@ -61,7 +63,6 @@ def _batch_iterator(arrays: dict, batch_size: int, seed: int, position: tuple[in
 
 def evaluate_split(task: Task, method: Any, adapter: Any, split: str, batch_size: int) -> dict[str, float]:
     """Average metrics of the adapted model over a whole split (no dropout)."""
-    import lrtt
 
     arrays = task.splits[split]
     n = len(next(iter(arrays.values())))
@@ -123,7 +124,6 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
 
 def count_table(task_params: Any, method: Any) -> str:
     """The method next to LoRA r=8 on q,v and full fine-tuning, from shapes only."""
-    import lrtt
 
     if isinstance(method, FullFineTune):  # the table's first row is full fine-tuning already
         return lrtt.parameter_table(task_params, [LoRA(rank=8, targets="qv")])
@@ -135,7 +135,6 @@ def count_table(task_params: Any, method: Any) -> str:
 
 def train(config: RunConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run of ``config``; returns the final summary."""
-    import lrtt
     from tqdm.auto import tqdm
 
     out = Path(config.output.dir)
@@ -193,8 +192,8 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
     summary = {
         "config": config.to_dict(),
         "method": method.to_config(),
-        "trainable_params": num_params(state.adapter),
-        "base_params": num_params(params),
+        "trainable_params": lrtt.num_params(state.adapter),
+        "base_params": lrtt.num_params(params),
         "test": test,
         "train_seconds": elapsed,
         "steps": step,
@@ -218,7 +217,6 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
 
 
 def _restore_adapter(config: RunConfig, method: Any, task: Task) -> Any:
-    import lrtt
 
     adapter_like = lrtt.adapter_shapes(method, task.params)
     manager = lrtt.CheckpointManager(Path(config.output.dir) / "checkpoints", method)
@@ -241,7 +239,6 @@ def evaluate(config: RunConfig, split: str = "test") -> dict:
 
 def export(config: RunConfig, *, out: str | None = None, method=None, task=None, adapter=None) -> Path:
     """Write the merged params of the run as a transformers ``save_pretrained`` directory."""
-    import lrtt
 
     method = method or build_method(config)
     task = task or build_task(config)
