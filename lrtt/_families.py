@@ -12,6 +12,12 @@ preset          kinds
 ``"all-linear"````q``, ``k``, ``v``, ``o`` and every MLP kind (PEFT's ``all-linear``: no head)
 ==============  ===============================================================================
 
+Each family also carries what the rest of lrtt needs to know of it: transformers' base-model
+prefix, whether its linear layers are ``Conv1D`` and which embedding a tied head reuses (the PEFT
+name maps, :mod:`lrtt.io._hf_names`), and the reference LoRETTA_adp placements. The
+tensor-parallel rule needs no entry of its own: the kinds of :data:`ROW_PARALLEL` split their in
+axes over the ``"model"`` mesh axis, every other kind its out axes (Megatron's column/row split).
+
 A fused kernel stands for every kind it holds: GPT-2's ``c_attn`` is q, k and v; Gemma's
 ``kv_einsum`` is k and v (``qkv_einsum`` all three when ``num_kv_heads == num_heads``) and its
 ``gating_einsum`` the gate and up projections. Adapting it adapts all its parts: ``"qv"`` on
@@ -29,6 +35,8 @@ from typing import Mapping, Sequence
 
 ATTENTION = ("q", "k", "v", "o")
 PRESETS = ("qv", "attention", "all-linear")
+ROW_PARALLEL = frozenset({"o", "down", "fc_out"})
+"""Kinds whose kernel is row-parallel under tensor parallelism (input split); the rest are column-parallel."""
 
 LayoutRule = "str | Callable[[str, tuple[int, ...], Mapping[str, tuple[int, ...]]], str | None]"
 
@@ -45,6 +53,13 @@ class Family:
       layouts: ``(regex, layout)`` pairs for kernels that are not 2-D ``(in, out)``; a layout
         may be a function ``(path, shape, shapes) -> layout | None`` of the leaf and of all
         leaves' shapes (when the layout depends on the config, e.g. Gemma's gating einsum).
+      hf_prefix: transformers' ``base_model_prefix`` (where a model with a head nests the base
+        model, in Flax and PyTorch alike); None for stacks with no PyTorch twin.
+      conv1d: the linear layers are transformers' ``Conv1D`` (PEFT's ``fan_in_fan_out=True``).
+      tied_embedding: the embedding module a causal-LM head reuses when the params hold no
+        ``lm_head``.
+      adp_after, adp_before: regexes of the kernels LoRETTA_adp's reference placement puts an
+        adapter after (``h + f(h)``) or before (``(x + f(x)) W0``).
     """
 
     name: str
@@ -52,6 +67,11 @@ class Family:
     signature: str
     kinds: Mapping[str, str]
     layouts: tuple = ()
+    hf_prefix: str | None = None
+    conv1d: bool = False
+    tied_embedding: str | None = None
+    adp_after: tuple[str, ...] = ()
+    adp_before: tuple[str, ...] = ()
 
     def preset_kinds(self, preset: str) -> tuple[str, ...]:
         if preset == "qv":
@@ -59,6 +79,12 @@ class Family:
         if preset == "attention":
             return ATTENTION
         return tuple(self.kinds)
+
+    def parallel_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(column-parallel, row-parallel)`` kernel regexes, from the kinds."""
+        column = tuple(dict.fromkeys(p for k, p in self.kinds.items() if k not in ROW_PARALLEL))
+        row = tuple(dict.fromkeys(p for k, p in self.kinds.items() if k in ROW_PARALLEL))
+        return column, row
 
     def layout_of(self, path: str, shape: tuple[int, ...], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
         for pattern, layout in self.layouts:
@@ -82,6 +108,12 @@ def _gemma_gating(path: str, shape: tuple[int, ...], shapes: Mapping[str, tuple[
 
 
 _BERT_LAYER = r"(^|/)encoder/layer/(\d+/)?"
+_BERT_KINDS = {
+    "q": _BERT_LAYER + r"attention/self/query/kernel$", "k": _BERT_LAYER + r"attention/self/key/kernel$",
+    "v": _BERT_LAYER + r"attention/self/value/kernel$", "o": _BERT_LAYER + r"attention/output/dense/kernel$",
+    "fc_in": _BERT_LAYER + r"intermediate/dense/kernel$", "fc_out": _BERT_LAYER + r"output/dense/kernel$",
+}
+_BERT_ADP_AFTER = (_BERT_LAYER + r"(attention/)?output/dense/kernel$",)  # attention and FFN output
 _GEMMA_ATTENTION = {
     "q": r"(^|/)attn/(q_einsum|qkv_einsum)/w$",
     "k": r"(^|/)attn/(kv_einsum|qkv_einsum)/w$",
@@ -103,6 +135,8 @@ FAMILIES: tuple[Family, ...] = (
         {"q": r"(^|/)attn/c_attn/kernel$", "k": r"(^|/)attn/c_attn/kernel$", "v": r"(^|/)attn/c_attn/kernel$",
          "o": r"(^|/)attn/c_proj/kernel$", "fc_in": r"(^|/)mlp/c_fc/kernel$", "fc_out": r"(^|/)mlp/c_proj/kernel$"},
         ((r"(^|/)(attn/(c_attn|c_proj)|mlp/(c_fc|c_proj))/kernel$", "out in"),),
+        hf_prefix="transformer", conv1d=True, tied_embedding="transformer/wte",
+        adp_after=(r"(^|/)(attn|mlp)/c_proj/kernel$",),
     ),
     Family(
         "gpt_neo", "transformers Flax GPT-Neo",
@@ -110,6 +144,7 @@ FAMILIES: tuple[Family, ...] = (
         {"q": r"(^|/)attn/attention/q_proj/kernel$", "k": r"(^|/)attn/attention/k_proj/kernel$",
          "v": r"(^|/)attn/attention/v_proj/kernel$", "o": r"(^|/)attn/attention/out_proj/kernel$",
          "fc_in": r"(^|/)mlp/c_fc/kernel$", "fc_out": r"(^|/)mlp/c_proj/kernel$"},
+        hf_prefix="transformer", tied_embedding="transformer/wte",
     ),
     Family(
         "opt", "transformers Flax OPT",
@@ -117,6 +152,7 @@ FAMILIES: tuple[Family, ...] = (
         {"q": r"(^|/)self_attn/q_proj/kernel$", "k": r"(^|/)self_attn/k_proj/kernel$",
          "v": r"(^|/)self_attn/v_proj/kernel$", "o": r"(^|/)self_attn/out_proj/kernel$",
          "fc_in": r"(^|/)layers/\d+/fc1/kernel$", "fc_out": r"(^|/)layers/\d+/fc2/kernel$"},
+        hf_prefix="model", tied_embedding="model/decoder/embed_tokens",
     ),
     Family(
         "llama", "transformers Flax Llama, Mistral, Qwen2 (and SmolLM2)",
@@ -125,13 +161,18 @@ FAMILIES: tuple[Family, ...] = (
          "v": r"(^|/)self_attn/v_proj/kernel$", "o": r"(^|/)self_attn/o_proj/kernel$",
          "gate": r"(^|/)mlp/gate_proj/kernel$", "up": r"(^|/)mlp/up_proj/kernel$",
          "down": r"(^|/)mlp/down_proj/kernel$"},
+        hf_prefix="model", tied_embedding="model/embed_tokens",
+        adp_after=(r"(^|/)mlp/down_proj/kernel$",), adp_before=(r"(^|/)mlp/(gate_proj|up_proj)/kernel$",),
+    ),
+    Family(
+        "roberta", "transformers Flax RoBERTa (BERT's modules under roberta/)",
+        r"(^|/)roberta/encoder/layer/\d+/attention/self/query/kernel$",
+        _BERT_KINDS, hf_prefix="roberta", adp_after=_BERT_ADP_AFTER,
     ),
     Family(
         "bert", "transformers Flax BERT, RoBERTa",
         r"(^|/)encoder/layer/\d+/attention/self/query/kernel$",
-        {"q": _BERT_LAYER + r"attention/self/query/kernel$", "k": _BERT_LAYER + r"attention/self/key/kernel$",
-         "v": _BERT_LAYER + r"attention/self/value/kernel$", "o": _BERT_LAYER + r"attention/output/dense/kernel$",
-         "fc_in": _BERT_LAYER + r"intermediate/dense/kernel$", "fc_out": _BERT_LAYER + r"output/dense/kernel$"},
+        _BERT_KINDS, hf_prefix="bert", adp_after=_BERT_ADP_AFTER,
     ),
     Family(
         "gemma", "the gemma package (Flax linen: gm.nn.Gemma3_*, gm.nn.Transformer)",
@@ -174,7 +215,41 @@ FAMILIES: tuple[Family, ...] = (
          (r"(^|/)mlp/wi/kernel$", "in out out")),
     ),
 )
-"""The known families, tried in order (OPT before Llama: both name ``self_attn/q_proj``)."""
+"""The known families, tried in order (OPT before Llama: both name ``self_attn/q_proj``;
+RoBERTa before BERT: the same modules under ``roberta/``)."""
+
+
+def by_name(name: str) -> Family:
+    """The family called ``name``.
+
+    Raises:
+      ValueError: no family has that name (the message lists them).
+    """
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"no model family {name!r}; the families are {[f.name for f in FAMILIES]}.")
+
+
+def tensor_parallel_patterns(paths: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(column-parallel, row-parallel)`` regexes for params with these paths: their family's,
+    or every family's when none is recognized."""
+    family = detect(paths)
+    column: dict[str, None] = {}
+    row: dict[str, None] = {}
+    for f in (family,) if family else FAMILIES:
+        c, r = f.parallel_patterns()
+        column.update(dict.fromkeys(c))
+        row.update(dict.fromkeys(r))
+    return tuple(column), tuple(row)
+
+
+def adp_placement(position: str) -> tuple[str, ...]:
+    """LoRETTA_adp's reference placement over every family: ``position`` is ``"after"`` or ``"before"``."""
+    out: dict[str, None] = {}
+    for family in FAMILIES:
+        out.update(dict.fromkeys(family.adp_after if position == "after" else family.adp_before))
+    return tuple(out)
 
 
 def detect(paths: Sequence[str]) -> Family | None:

@@ -167,22 +167,6 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {name: _families.preset_patterns(na
 """Each preset's regexes over every known family (see :mod:`lrtt._families`). On params of a
 recognized family a preset means that family's kinds, and each must be found."""
 
-# The transformers families whose names the PEFT interop maps (lrtt.io._hf_names).
-_HF_SIGNATURES = {
-    "gpt2": r"(^|/)h/\d+/attn/c_attn/kernel$",
-    "llama": r"(^|/)layers/\d+/self_attn/q_proj/kernel$",
-    "bert": r"(^|/)encoder/layer/\d+/attention/self/query/kernel$",
-}
-
-
-def detect_family(paths: Sequence[str]) -> str | None:
-    """transformers naming: ``"gpt2"``, ``"llama"``, ``"bert"`` (BERT and RoBERTa) or None."""
-    for family, signature in _HF_SIGNATURES.items():
-        if any(re.search(signature, p) for p in paths):
-            return family
-    return None
-
-
 def normalize_patterns(targets: "str | Sequence[str] | None", *, name: str = "targets") -> tuple[str, ...]:
     """A preset name, a regex or a list of regexes → a tuple of checked regexes.
 

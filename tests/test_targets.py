@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import lrtt
-from lrtt._targets import Layout, detect_family, select
+from lrtt import _families
+from lrtt._targets import Layout, select
 from conftest import tiny_model
 
 EXPECTED = {
@@ -81,10 +82,16 @@ def test_presets_of_opt_gpt_neo_mistral(family):
 
 
 def test_family_detection():
-    assert detect_family([t for t in ["transformer/h/0/attn/c_attn/kernel"]]) == "gpt2"
-    assert detect_family(["model/layers/3/self_attn/q_proj/kernel"]) == "llama"
-    assert detect_family(["roberta/encoder/layer/0/attention/self/query/kernel"]) == "bert"
-    assert detect_family(["dense/kernel"]) is None
+    def name(paths):
+        family = _families.detect(paths)
+        return family and family.name
+
+    assert name(["transformer/h/0/attn/c_attn/kernel"]) == "gpt2"
+    assert name(["model/layers/3/self_attn/q_proj/kernel"]) == "llama"
+    assert name(["model/decoder/layers/3/self_attn/out_proj/kernel"]) == "opt"
+    assert name(["roberta/encoder/layer/0/attention/self/query/kernel"]) == "roberta"
+    assert name(["bert/encoder/layer/0/attention/self/query/kernel"]) == "bert"
+    assert name(["dense/kernel"]) is None
 
 
 def test_gpt2_conv1d_is_read_out_in():

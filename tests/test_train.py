@@ -215,3 +215,23 @@ def test_fsdp_preset_and_rule_errors():
         lrtt.train.param_specs(params, _mesh(data=2), "tensor")
     with pytest.raises(ValueError, match="`rules` must be one of"):
         lrtt.train.param_specs(params, _mesh(data=2), "zero3")
+
+
+def test_tensor_parallel_preset_follows_the_family_kinds_on_multi_axis_kernels():
+    """Gemma (``gemma`` package names): q_einsum ``(N, D, H)`` splits its heads, kv_einsum
+    ``(2, K, D, H)`` the first out axis ``model`` divides (K when 2 does not divide), the
+    output einsum ``(N, H, D)`` its heads (row-parallel), the MLP as gate/up column, down row."""
+    s = jax.ShapeDtypeStruct
+    layer = {
+        "attn": {"q_einsum": {"w": s((4, 16, 8), jnp.float32)}, "kv_einsum": {"w": s((2, 4, 16, 8), jnp.float32)},
+                 "attn_vec_einsum": {"w": s((4, 8, 16), jnp.float32)}},
+        "mlp": {"gating_einsum": s((2, 32, 16), jnp.float32), "linear": s((32, 16), jnp.float32)},
+    }
+    params = {"layer_0": layer, "embedder": {"input_embedding": s((64, 16), jnp.float32)}}
+    flat = _specs(lrtt.train.param_specs(params, _mesh(data=1, model=4), "tensor"))
+    assert flat["layer_0/attn/q_einsum/w"] == P("model", None, None)
+    assert flat["layer_0/attn/kv_einsum/w"] == P(None, "model", None, None)  # 2 % 4 != 0: K split
+    assert flat["layer_0/attn/attn_vec_einsum/w"] == P("model", None, None)
+    assert flat["layer_0/mlp/gating_einsum"] == P(None, "model", None)  # (2, F, D): F split
+    assert flat["layer_0/mlp/linear"] == P("model", None)  # down: in (F) split
+    assert flat["embedder/input_embedding"] == P()

@@ -22,7 +22,7 @@ Flax port ``(out, in)``. Examples (``FlaxGPT2LMHeadModel`` ↔ ``GPT2LMHeadModel
     bert/encoder/layer/0/attention/self/query/kernel ↔ bert.encoder.layer.0.attention.self.query.weight
     roberta/encoder/layer/0/output/LayerNorm/scale ↔ roberta.encoder.layer.0.output.LayerNorm.weight
 
-A model with a head nests its base model under a prefix (:data:`BASE_PREFIX`) in both
+A model with a head nests its base model under a prefix (its family's ``hf_prefix``, :mod:`lrtt._families`) in both
 frameworks; a bare model (``FlaxGPT2Model`` ↔ ``GPT2Model``) has none. :func:`align` bridges a
 checkpoint of one kind and params of the other, as transformers does when loading.
 
@@ -38,42 +38,44 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from lrtt._targets import detect_family
+from lrtt import _families
 
-FAMILIES = ("gpt2", "llama", "bert", "roberta")
-
-# The attribute under which a model with a head holds its base model (``base_model_prefix``).
-BASE_PREFIX = {"gpt2": "transformer", "llama": "model", "bert": "bert", "roberta": "roberta"}
-
-# Families whose linear layers are transformers' ``Conv1D`` (PEFT's ``fan_in_fan_out=True``).
-CONV1D_FAMILIES = frozenset({"gpt2"})
-
-# Input embedding that a causal-LM head reuses when the Flax params hold no ``lm_head``.
-TIED_EMBEDDING = {"gpt2": "transformer/wte", "llama": "model/embed_tokens"}
-TIED_OUTPUT = "lm_head"  # the PyTorch module tied to it
+TIED_OUTPUT = "lm_head"  # the PyTorch module tied to a reused input embedding
 
 TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "weight": "weight", "bias": "bias"}
 
-_BAD_FAMILY = "`family` must be one of {allowed} or None (detected from the param paths), got {family!r}."
+
+def _family(name: str | None) -> _families.Family | None:
+    return None if name is None else _families.by_name(name)
+
+
+def hf_families() -> tuple[str, ...]:
+    """The families with a transformers PyTorch twin (a ``base_model_prefix``), by name."""
+    return tuple(f.name for f in _families.FAMILIES if f.hf_prefix is not None)
 
 
 def resolve_family(paths: Sequence[str], family: str | None = None) -> str | None:
-    """The model family of a Flax param tree: ``family`` if given, else detected from ``paths``.
-
-    BERT and RoBERTa share module names; RoBERTa is told apart by its ``roberta/`` prefix.
-    Returns None for a tree of no known family (names are still mapped by the generic rules).
+    """The model family of a Flax param tree: ``family`` if given, else detected from ``paths``
+    (:func:`lrtt._families.detect`). None for a tree of no known family (names are still mapped
+    by the generic rules).
 
     Raises:
-      ValueError: ``family`` is not one of :data:`FAMILIES`.
+      ValueError: ``family`` is not one of :func:`hf_families`.
     """
     if family is not None:
-        if family not in FAMILIES:
-            raise ValueError(_BAD_FAMILY.format(allowed=list(FAMILIES), family=family))
+        if family not in hf_families():
+            raise ValueError(
+                f"`family` must be one of {list(hf_families())} or None (detected from the param "
+                f"paths), got {family!r}.")
         return family
-    detected = detect_family(paths)
-    if detected == "bert" and any(re.search(r"(^|/)roberta/", p) for p in paths):
-        return "roberta"
-    return detected
+    detected = _families.detect(paths)
+    return None if detected is None else detected.name
+
+
+def conv1d(family: str | None) -> bool:
+    """Whether the family's linear layers are ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
+    found = _family(family)
+    return bool(found and found.conv1d)
 
 
 def split_leaf(path: str) -> tuple[str, str]:
@@ -143,7 +145,8 @@ def tied_embedding(paths: Sequence[str], family: str | None) -> str | None:
     True of a causal-LM tree (base prefix present) that holds no ``lm_head`` of its own: the
     PyTorch class then has an ``lm_head`` whose weight is tied to that embedding.
     """
-    module = TIED_EMBEDDING.get(family or "")
+    found = _family(family)
+    module = found.tied_embedding if found else None
     if module is None or f"{module}/embedding" not in paths:
         return None
     if any(p.startswith(f"{TIED_OUTPUT}/") for p in paths):
@@ -183,7 +186,8 @@ def align(names: Iterable[str], known: set[str], family: str | None) -> Alignmen
     """
     names = set(names)
     candidates = [Alignment()]
-    prefix = BASE_PREFIX.get(family or "")
+    found = _family(family)
+    prefix = found.hf_prefix if found else None
     if prefix:
         candidates += [Alignment(torch_only=prefix + "."), Alignment(flax_only=prefix + ".")]
     for candidate in candidates:

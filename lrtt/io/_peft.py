@@ -107,7 +107,7 @@ def save_peft(
       method: the :class:`lrtt.LoRA` or :class:`lrtt.LorettaRep` that made ``adapter``.
       adapter: the adapter tree.
       params: the Flax params the adapter was made for (paths, layouts, base values).
-      family: ``"gpt2"``, ``"llama"``, ``"bert"``, ``"roberta"``; None detects it.
+      family: a family name of :mod:`lrtt._families` with a PyTorch twin (``"gpt2"``, ``"llama"``, ``"bert"``, ...); None detects it.
       base_model_name_or_path: written to the config (the Hub id PEFT loads the base from).
       task_type: PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, …) or None.
 
@@ -198,7 +198,7 @@ def save_peft(
         "target_modules": _target_names(set(ranks), candidates, scope),
         "rank_pattern": _pattern_keys({m: v for m, v in ranks.items() if v != r}, ranks, r),
         "alpha_pattern": _pattern_keys({m: v for m, v in alphas.items() if v != lora_alpha}, alphas, lora_alpha),
-        "fan_in_fan_out": family in names.CONV1D_FAMILIES,
+        "fan_in_fan_out": names.conv1d(family),
         "bias": "none",
         "modules_to_save": modules_to_save or None,
         "ensure_weight_tying": tie,
@@ -338,7 +338,7 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
       directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the Flax params of the model the adapter was trained on (the class that matches
         the PyTorch one; a base-model prefix difference such as ``model.`` is bridged).
-      family: ``"gpt2"``, ``"llama"``, ``"bert"``, ``"roberta"``; None detects it.
+      family: a family name of :mod:`lrtt._families` with a PyTorch twin (``"gpt2"``, ``"llama"``, ``"bert"``, ...); None detects it.
 
     Returns:
       ``(method, adapter)``; ``lrtt.merge(method, params, adapter)`` gives the adapted params.

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from lrtt import _families
 from lrtt.tt import _core as _tt
 from lrtt._adapter import ACTIVATIONS, BottleneckAdapter, TTKernel
 from lrtt.methods._base import (
@@ -23,16 +24,9 @@ from lrtt._targets import Target, as_pairs, select
 
 ADP_INITS = ("identity", "gaussian")
 
-# Reference placement (DESIGN §1.4), per family; paths of transformers' Flax models.
+# Reference placement (DESIGN §1.4): each family's adp_after / adp_before (lrtt._families).
 ADP_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
-    "after": {
-        "loretta": (
-            r"(^|/)encoder/layer/(\d+/)?(attention/)?output/dense/kernel$",  # BERT, RoBERTa
-            r"(^|/)mlp/down_proj/kernel$",  # Llama
-            r"(^|/)(attn|mlp)/c_proj/kernel$",  # GPT-2
-        ),
-    },
-    "before": {"loretta": (r"(^|/)mlp/(gate_proj|up_proj)/kernel$",)},  # Llama
+    position: {"loretta": _families.adp_placement(position)} for position in ("after", "before")
 }
 NORM_PATTERNS = (r"(^|/)(LayerNorm|layernorm|ln_\d+|ln_f|\w*_layernorm|norm)/(scale|bias|weight)$",)
 CLASSIFIER_DENSE = (r"(^|/)(classifier/dense|pooler/dense)/kernel$",)

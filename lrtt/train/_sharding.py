@@ -13,23 +13,12 @@ from typing import Any, Mapping
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from lrtt import _families
 from lrtt._adapter import LoraFactors, Trainable, entries, is_entry
 from lrtt._count import adapter_shapes
 from lrtt._paths import named_leaves, path_str
 from lrtt._targets import exact_patterns, first_match, select
 
-# Megatron-style tensor parallelism: column-parallel kernels shard their out axis, row-parallel
-# kernels their in axis (paths of the transformers Flax GPT-2, Llama and BERT families).
-COLUMN_PARALLEL = (
-    r"(^|/)(attn/c_attn|mlp/c_fc)/kernel$",
-    r"(^|/)(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel$",
-    r"(^|/)(attention/self/(query|key|value)|intermediate/dense)/kernel$",
-)
-ROW_PARALLEL = (
-    r"(^|/)(attn|mlp)/c_proj/kernel$",
-    r"(^|/)(self_attn/o_proj|mlp/down_proj)/kernel$",
-    r"(^|/)(attention/output/dense|layer/\d+/output/dense)/kernel$",
-)
 PARAM_RULE_PRESETS = ("replicated", "fsdp", "tensor")
 
 
@@ -70,8 +59,10 @@ def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_
       mesh: the device mesh.
       rules: ``None``/``"replicated"``; ``"fsdp"`` (the largest axis the mesh's ``"fsdp"`` axis, or
         ``data_axis``, divides, of every leaf with >= 2 dims, is sharded over it); ``"tensor"``
-        (Megatron: column-parallel kernels split their out axes over ``"model"``, row-parallel
-        kernels their in axes; everything else replicated); or ``{regex: PartitionSpec}`` (first
+        (Megatron: column-parallel kernels split an out axis over ``"model"``, row-parallel
+        kernels an in axis, the first of the group that ``"model"`` divides; the kinds of each
+        come from the params' family, :data:`lrtt._families.ROW_PARALLEL`; everything else
+        replicated); or ``{regex: PartitionSpec}`` (first
         match wins, unmatched leaves replicated).
       layouts: extra ``(regex, layout)`` pairs for the ``"tensor"`` preset (as a method's).
     """
@@ -94,15 +85,19 @@ def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_
         if "model" not in mesh.shape:
             raise ValueError(f"`rules`='tensor' shards over a mesh axis 'model'; the mesh has {dict(mesh.shape)}.")
         specs = {p: () for p, _ in leaves}
-        for patterns, group in ((COLUMN_PARALLEL, "out"), (ROW_PARALLEL, "in")):
+        column, row = _families.tensor_parallel_patterns([p for p, _ in leaves])
+        for patterns, group in ((column, "out"), (row, "in")):
             for target in select(params, patterns, layouts=layouts, require=False):
-                layout = target.layout
-                spec = [None] * layout.ndim
-                spec[layout.axes(group)[0]] = "model"
+                axes = target.layout.axes(group)
+                split = next((a for a in axes if target.shape[a] % mesh.shape["model"] == 0), None)
+                if split is None:
+                    continue  # no axis of the group divides over "model": replicated
+                spec = [None] * target.layout.ndim
+                spec[split] = "model"
                 specs[target.path] = tuple(spec)
                 bias = target.path.rsplit("/", 1)[0] + "/bias"
                 if group == "out" and bias in specs:
-                    specs[bias] = _bias_spec(dict(leaves)[bias], target)
+                    specs[bias] = _bias_spec(dict(leaves)[bias], target, axes.index(split))
     elif isinstance(rules, (Mapping, list, tuple)):
         pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
         for path, leaf in leaves:
@@ -120,12 +115,14 @@ def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_
     return _like(params, out)
 
 
-def _bias_spec(bias: Any, target: Any) -> tuple:
-    """A column-parallel kernel's bias ``(*stack, *out)``: sharded on its first out axis."""
+def _bias_spec(bias: Any, target: Any, out_index: int) -> tuple:
+    """A column-parallel kernel's bias ``(*stack, *out)``: sharded on the out axis its kernel is."""
     stack, _, outs = target.layout.split(target.shape)
     if tuple(bias.shape) != stack + outs:
         return ()  # a bias of another shape: replicated
-    return (None,) * len(stack) + ("model",) + (None,) * (len(outs) - 1)
+    spec = [None] * (len(stack) + len(outs))
+    spec[len(stack) + out_index] = "model"
+    return tuple(spec)
 
 
 def _like(tree: Any, by_path: dict[str, Any]) -> Any:
