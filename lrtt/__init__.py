@@ -12,9 +12,9 @@ from lrtt import io as io, methods as methods, optim as optim, train as train, t
 from lrtt._adapter import (
     BottleneckAdapter as BottleneckAdapter,
     LoraFactors as LoraFactors,
+    Trainable as Trainable,
     TTFactors as TTFactors,
     TTKernel as TTKernel,
-    Trainable as Trainable,
     entries as entries,
 )
 from lrtt._count import (
@@ -32,7 +32,7 @@ from lrtt._factored import (
     wrap as wrap,
 )
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
-from lrtt._targets import Layout as Layout, TARGET_PRESETS as TARGET_PRESETS, select as select
+from lrtt._targets import TARGET_PRESETS as TARGET_PRESETS, Layout as Layout, select as select
 from lrtt.io import (
     CheckpointCorruptError as CheckpointCorruptError,
     CheckpointManager as CheckpointManager,

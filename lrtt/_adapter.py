@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lrtt.tt import _core as _tt
 from lrtt._paths import named_leaves
+from lrtt.tt import _core as _tt
 
 
 def _entry(data: tuple[str, ...], meta: tuple[str, ...] = ()):

@@ -9,8 +9,8 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from lrtt._adapter import entries
-from lrtt.methods._base import Method
 from lrtt._paths import named_leaves
+from lrtt.methods._base import Method
 
 
 def num_params(tree: Any) -> int:

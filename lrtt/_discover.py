@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import os
-import re
 from typing import Any, Callable, Iterable
 
 import jax
@@ -41,7 +40,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from lrtt._jaxpr import reshape_groups, scan_counts
-from lrtt._paths import path_str
+from lrtt._paths import exact_patterns, path_str
 
 __all__ = ["Discovery", "LeafInfo", "LeafUse", "discover"]
 
@@ -142,7 +141,7 @@ class Discovery(collections.abc.Mapping):
     def as_layouts(self) -> dict[str, str]:
         """``{regex: layout}`` with one anchored, escaped regex per leaf of this mapping, ready
         for a method's ``layouts=`` argument."""
-        return {"^" + re.escape(p) + "$": layout for p, layout in self._layouts.items()}
+        return dict(zip(exact_patterns(self._layouts), self._layouts.values()))
 
     def __repr__(self) -> str:
         counts = collections.Counter(i.role for i in self.leaves.values())

@@ -8,7 +8,8 @@ equivalent NNX state name their leaves alike).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
@@ -74,3 +75,17 @@ def nest(flat: dict[str, Any]) -> dict:
             node = node.setdefault(name, {})
         node[last] = value
     return out
+
+
+def exact_patterns(paths: Sequence[str]) -> tuple[str, ...]:
+    """One anchored regex per path, matching that path only (looked up by dict, not searched)."""
+    return tuple("^" + re.escape(p) + "$" for p in paths)
+
+
+def exact_path(pattern: str) -> str | None:
+    """The path an :func:`exact_patterns` regex stands for, or None for any other regex."""
+    if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$" or pattern.endswith("\\$"):
+        return None
+    inner = pattern[1:-1]
+    path = re.sub(r"\\(.)", r"\1", inner)
+    return path if re.escape(path) == inner else None

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from lrtt import _families
 from lrtt._discover import Discovery
-from lrtt._paths import named_leaves
+from lrtt._paths import exact_path, exact_patterns, named_leaves
 
 _AXIS_WORDS = ("layer", "in", "out")
 
@@ -180,6 +180,8 @@ def normalize_patterns(targets: "str | Sequence[str] | None", *, name: str = "ta
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ValueError(f"`{name}` must hold regex strings, got {pattern!r} ({type(pattern).__name__}).")
+        if exact_path(pattern) is not None:
+            continue  # an escaped, anchored path (exact_patterns): valid by construction
         try:
             re.compile(pattern)
         except re.error as err:
@@ -197,20 +199,6 @@ def _expand(patterns: Sequence[str]) -> tuple[str, ...]:
     return TARGET_PRESETS[preset] if preset else tuple(patterns)
 
 
-def exact_patterns(paths: Sequence[str]) -> tuple[str, ...]:
-    """One anchored regex per path, matching that path only (looked up by dict, not searched)."""
-    return tuple("^" + re.escape(p) + "$" for p in paths)
-
-
-def _exact_path(pattern: str) -> str | None:
-    """The path an :func:`exact_patterns` regex stands for, or None for any other regex."""
-    if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$" or pattern.endswith("\\$"):
-        return None
-    inner = pattern[1:-1]
-    path = re.sub(r"\\(.)", r"\1", inner)
-    return path if re.escape(path) == inner else None
-
-
 @functools.lru_cache(maxsize=256)
 def _index(patterns: tuple[str, ...]) -> tuple[dict[str, int], tuple[tuple[int, "re.Pattern"], ...]]:
     """``({exact path: first position}, ((position, compiled regex), ...))`` of a pattern list.
@@ -220,7 +208,7 @@ def _index(patterns: tuple[str, ...]) -> tuple[dict[str, int], tuple[tuple[int, 
     exact: dict[str, int] = {}
     regexes = []
     for i, pattern in enumerate(patterns):
-        path = _exact_path(pattern)
+        path = exact_path(pattern)
         if path is not None:
             exact.setdefault(path, i)
         else:

@@ -34,9 +34,9 @@ def _bits(x):
     return np.asarray(x).view(np.uint32)
 
 
-def test_masked_adamw_never_moves_a_frozen_leaf_and_keeps_no_state_for_it():
+def test_adapter_only_adamw_never_moves_a_frozen_leaf_and_keeps_no_state_for_it():
     method, tree = _one_tree()
-    tx = lrtt.optim.masked(optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 60), weight_decay=0.1))
+    tx = lrtt.optim.adapter_only(optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 60), weight_decay=0.1))
     opt_state = tx.init(tree)
     x = jax.random.normal(jax.random.key(1), (16, 32))
 
@@ -67,14 +67,14 @@ def test_masked_adamw_never_moves_a_frozen_leaf_and_keeps_no_state_for_it():
 
 
 def test_optax_masked_alone_would_pass_frozen_gradients_through():
-    """Why `lrtt.optim.masked` uses set_to_zero: `optax.masked` leaves masked-out updates as is."""
+    """Why `lrtt.optim.adapter_only` uses set_to_zero: `optax.masked` leaves masked-out updates as is."""
     method, tree = _one_tree()
     grads = jax.tree.map(jnp.ones_like, tree)
     mask = lrtt.optim.trainable_mask(tree)
     raw = optax.masked(optax.adam(1e-3), mask)
     updates, _ = raw.update(grads, raw.init(tree), tree)
     assert float(jnp.abs(updates["params"]["dense"]["kernel"]).max()) == 1.0
-    ours = lrtt.optim.masked(optax.adam(1e-3))
+    ours = lrtt.optim.adapter_only(optax.adam(1e-3))
     updates, _ = ours.update(grads, ours.init(tree), tree)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates["params"]))
 
@@ -125,3 +125,19 @@ def test_partition_and_combine_differentiate_only_the_trainable_half():
     assert jax.tree.structure(rebuilt) == jax.tree.structure(tree)
     for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(tree)):
         assert a is b
+
+
+def test_adapter_only_equals_optax_selective_transform_and_the_old_name_says_so():
+    """``adapter_only`` is optax's selective_transform with the mask read off the tree."""
+    _, tree = _one_tree()
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), tree)
+    freeze = jax.tree.map(lambda m: not m, lrtt.optim.trainable_mask(tree))
+    reference = optax.transforms.selective_transform(optax.adamw(1e-2, weight_decay=0.1), freeze_mask=freeze)
+    ours = lrtt.optim.adapter_only(optax.adamw(1e-2, weight_decay=0.1))
+    s_ref, s_ours = reference.init(tree), ours.init(tree)
+    for _ in range(3):
+        u_ref, s_ref = reference.update(grads, s_ref, tree)
+        u_ours, s_ours = ours.update(grads, s_ours, tree)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u_ref, u_ours)
+    with pytest.raises(AttributeError, match="adapter_only"):
+        lrtt.optim.masked  # noqa: B018

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lrtt._adapter import BottleneckAdapter, LoraFactors, TTFactors, TTKernel, Trainable, entries
+from lrtt._adapter import BottleneckAdapter, LoraFactors, Trainable, TTFactors, TTKernel, entries
 from lrtt._merge import _leaf_targets
 from lrtt._paths import named_leaves, replace_leaves
 from lrtt._targets import Layout, Target

@@ -13,8 +13,8 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lrtt._factored._adapted import IN, OUT, STACK, View
-from lrtt._jaxpr import reshape_groups, scan_counts
 from lrtt._factored._lowrank import DotPlan, adapter_after, adapter_before, low_rank_branch
+from lrtt._jaxpr import reshape_groups, scan_counts
 
 
 def _open(jaxpr) -> tuple[jcore.Jaxpr, tuple]:

@@ -7,8 +7,8 @@ BBC News (2,225 articles, 5 classes) ships as one text file per article in the P
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
 import pathlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np

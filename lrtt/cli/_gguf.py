@@ -18,7 +18,6 @@ import numpy as np
 
 from lrtt._extras import needs_extra
 
-
 # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) whose regex is GPT-2's with every digit
 # split off first (`\p{N}` before the GPT-2 pattern in llama-vocab.cpp).
 _DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 
 import lrtt
-
 from lrtt.cli._config import ConfigError, RunConfig
-from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
 from lrtt.cli._tasks import Task, build_task, summarize
+from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
 
 METHOD_CLASSES = {"full": FullFineTune, "lora": LoRA, "loretta_rep": LorettaRep, "loretta_adp": LorettaAdp}
 
@@ -135,15 +134,28 @@ def count_table(task_params: Any, method: Any) -> str:
 
 def train(config: RunConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run of ``config``; returns the final summary."""
-    from tqdm.auto import tqdm
-
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     method = build_method(config)
     task = build_task(config)
-    params = task.params
-    adapter = method.init(jax.random.key(config.train.seed), params)
+    state, step_fn = _training(config, method, task)
+    manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
+    state, position = _resume(manager, state, out)
+    started = time.perf_counter()
+    state = _loop(config, method, task, state, step_fn, manager, position, progress=progress)
+    manager.wait()
+    elapsed = time.perf_counter() - started
+    summary = _finish(config, method, task, state, elapsed)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    _report(config, method, task, summary)
+    return summary
+
+
+def _training(config: RunConfig, method: Any, task: Task):
+    """The fresh train state (adapter, AdamW state, step 0) and the jitted step of this run."""
+    adapter = method.init(jax.random.key(config.train.seed), task.params)
     optimizer = lrtt.train.adamw(
         config.train.lr,
         warmup=min(config.train.warmup, config.train.steps // 2),  # short runs: warmup capped at half
@@ -153,16 +165,24 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
     state = lrtt.train.init_state(adapter, optimizer, rng=config.train.seed)
     forward = config.train.forward if method.mergeable else "factored"
     loss = lrtt.train.make_loss(method, task.apply, task.loss, forward=forward)
-    step_fn = lrtt.train.jit_step(loss, optimizer, accumulate=config.train.accumulate)
+    return state, lrtt.train.jit_step(loss, optimizer, accumulate=config.train.accumulate)
 
-    manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
-    position = (0, 0)
-    if manager.latest_step() is not None:
-        restored = manager.restore(adapter_like=state.adapter, opt_state_like=state.opt_state)
-        state = lrtt.train.TrainState(restored.adapter, restored.opt_state, jnp.asarray(restored.step, jnp.int32), restored.rng)
-        position = (restored.data_position["epoch"], restored.data_position["index"])
-        print(f"resuming {out} from step {restored.step}")
-    metrics_path = out / "metrics.jsonl"
+
+def _resume(manager: Any, state: Any, out: Path) -> tuple[Any, tuple[int, int]]:
+    """``(state, (epoch, index))`` from the newest checkpoint, or as given at position (0, 0)."""
+    if manager.latest_step() is None:
+        return state, (0, 0)
+    restored = manager.restore(adapter_like=state.adapter, opt_state_like=state.opt_state)
+    state = lrtt.train.TrainState(restored.adapter, restored.opt_state, jnp.asarray(restored.step, jnp.int32), restored.rng)
+    print(f"resuming {out} from step {restored.step}")
+    return state, (restored.data_position["epoch"], restored.data_position["index"])
+
+
+def _loop(config, method, task, state, step_fn, manager, position, *, progress: bool):
+    """Steps up to ``config.train.steps``: log each, evaluate and checkpoint on schedule."""
+    from tqdm.auto import tqdm
+
+    metrics_path = Path(config.output.dir) / "metrics.jsonl"
     step = int(state.step)
     started = time.perf_counter()
     data = _batch_iterator(task.splits["train"], config.train.batch_size, config.data.seed, position)
@@ -172,7 +192,7 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
                mininterval=redraw)
     while step < config.train.steps:
         batch, position = next(data)
-        state, loss_value = step_fn(state, params, batch)
+        state, loss_value = step_fn(state, task.params, batch)
         step += 1
         loss_value = float(loss_value)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # drawn by update(), at its interval
@@ -185,35 +205,40 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
         if step % config.output.save_every == 0 or step == config.train.steps:
             manager.save(step, state.adapter, state.opt_state, data_position={"epoch": position[0], "index": position[1]}, rng=state.rng)
     bar.close()
-    manager.wait()
-    elapsed = time.perf_counter() - started
+    return state
 
+
+def _finish(config: RunConfig, method: Any, task: Task, state: Any, elapsed: float) -> dict:
+    """The summary: test metrics, counts, time, and the merged export when the method merges."""
     test = evaluate_split(task, method, state.adapter, "test", config.train.eval_batch_size)
     summary = {
         "config": config.to_dict(),
         "method": method.to_config(),
         "trainable_params": lrtt.num_params(state.adapter),
-        "base_params": lrtt.num_params(params),
+        "base_params": lrtt.num_params(task.params),
         "test": test,
         "train_seconds": elapsed,
-        "steps": step,
+        "steps": int(state.step),
     }
     if config.output.export and method.mergeable:
         summary["export"] = str(export(config, method=method, task=task, adapter=state.adapter))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(metrics_path, out / "curves.png")
+    return summary
+
+
+def _report(config: RunConfig, method: Any, task: Task, summary: dict) -> None:
+    """The closing lines on stdout: the count table, the held-out metric, the export."""
+    test = summary["test"]
     print()
-    print(count_table(params, method))
+    print(count_table(task.params, method))
     print()
     headline = task.headline
     print(f"held-out test {headline}: {test[headline]:.4f}   (test loss {test['loss']:.4f}, {len(next(iter(task.splits['test'].values())))} examples)")
     print(f"trainable parameters: {summary['trainable_params']:,} of {summary['base_params']:,} ({100 * summary['trainable_params'] / summary['base_params']:.3f}%)")
-    print(f"training time this session: {elapsed:.1f} s; outputs in {out}/")
+    print(f"training time this session: {summary['train_seconds']:.1f} s; outputs in {config.output.dir}/")
     if "export" in summary:
         print(f"merged export (zero inference overhead): {summary['export']}")
     elif config.output.export:
         print(f"no merged export: {type(method).__name__} is not mergeable (non-linear adapters)")
-    return summary
 
 
 def _restore_adapter(config: RunConfig, method: Any, task: Task) -> Any:

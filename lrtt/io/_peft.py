@@ -24,12 +24,12 @@ from typing import Any, Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt.io import _hf_names as names
-from lrtt._adapter import LoraFactors, TTFactors, Trainable, entries
+from lrtt._adapter import LoraFactors, Trainable, TTFactors, entries
 from lrtt._extras import needs_extra
+from lrtt._paths import exact_patterns, named_leaves, nest
+from lrtt._targets import Target, first_match, select
+from lrtt.io import _hf_names as names
 from lrtt.methods._lora import LoRA
-from lrtt._paths import named_leaves, nest
-from lrtt._targets import Target, exact_patterns, first_match, select
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -132,12 +132,30 @@ def save_peft(
       >>> jax.tree.map(jnp.shape, loaded)["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
       LoraFactors(a=(16, 4), b=(4, 32), scale=2.0)
     """
-    if not method.mergeable:
-        raise ValueError(NO_PEFT_EQUIVALENT.format(method=type(method).__name__))
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"`task_type` must be one of {list(TASK_TYPES)} or None, got {task_type!r}.")
     leaves = dict(named_leaves(params))
     family = names.resolve_family(list(leaves), family)
+    low_rank, trained = _savable_entries(method, adapter)
+    tensors, ranks, alphas = _lora_tensors(method, low_rank, _targets(params, low_rank, method.layouts))
+    modules_to_save, saved, tie = _modules_to_save(trained, leaves, family, task_type, set(ranks))
+    tensors.update(saved)
+    modules = _flax_modules(leaves)
+    candidates = {names.torch_module(m) for m, ls in modules.items() if {"kernel", "embedding"} & set(ls)}
+    config = _adapter_config(method, ranks, alphas, candidates, modules_to_save, tie, family, task_type)
+    config["base_model_name_or_path"] = base_model_name_or_path  # the Hub id PEFT loads the base from
+    _write(directory, config, tensors)
+    return config
+
+
+def _savable_entries(method: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({path: LoraFactors | TTFactors}, {path: trained array})`` of an adapter PEFT can hold.
+
+    Raises:
+      ValueError: a non-mergeable method, an entry of another kind, or no low-rank entry.
+    """
+    if not method.mergeable:
+        raise ValueError(NO_PEFT_EQUIVALENT.format(method=type(method).__name__))
     found = entries(adapter)
     low_rank = {p: e for p, e in found.items() if isinstance(e, (LoraFactors, TTFactors))}
     trained = {p: e.value for p, e in found.items() if isinstance(e, Trainable)}
@@ -151,8 +169,12 @@ def save_peft(
             "the adapter has no LoRA factors to save (PEFT's format needs at least one target). "
             "Pass the adapter returned by method.init(key, params) after training."
         )
-    targets = _targets(params, low_rank, method.layouts)
-    rslora = bool(getattr(method, "rslora", False))
+    return low_rank, trained
+
+
+def _lora_tensors(method: Any, low_rank: dict[str, Any], targets: dict[str, Target]):
+    """``(tensors, {module: rank}, {module: lora_alpha})``: ``lora_A.weight = Aᵀ: (r, in)`` and
+    ``lora_B.weight = Bᵀ: (out, r)`` per adapted kernel, under PEFT's key names."""
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -176,25 +198,26 @@ def save_peft(
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
         ranks[name] = rank = a.shape[-1]
-        alphas[name] = _alpha(method, path, rank, entry.scale, rslora)
+        alphas[name] = _alpha(method, path, rank, entry.scale)
         all_zero = all_zero and not (np.any(a) and np.any(b))
     if all_zero:
-        warnings.warn("every LoRA update of the adapter is zero (B = 0): was it trained?", stacklevel=2)
+        warnings.warn("every LoRA update of the adapter is zero (B = 0): was it trained?", stacklevel=3)
+    return tensors, ranks, alphas
+
+
+def _adapter_config(method, ranks, alphas, candidates, modules_to_save, tie, family, task_type) -> dict:
+    """PEFT's ``adapter_config.json``: the most common rank and alpha, the others as patterns."""
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    modules_to_save, saved, tie = _modules_to_save(trained, leaves, family, task_type, set(ranks))
-    tensors.update(saved)
-    modules = _flax_modules(leaves)
-    candidates = {names.torch_module(m) for m, ls in modules.items() if {"kernel", "embedding"} & set(ls)}
     scope = {"modules_to_save": modules_to_save, "task_type": task_type}
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": None,
         "r": r,
         "lora_alpha": lora_alpha,
         "lora_dropout": float(method.dropout),
-        "use_rslora": rslora,
+        "use_rslora": _rslora(method),
         "target_modules": _target_names(set(ranks), candidates, scope),
         "rank_pattern": _pattern_keys({m: v for m, v in ranks.items() if v != r}, ranks, r),
         "alpha_pattern": _pattern_keys({m: v for m, v in alphas.items() if v != lora_alpha}, alphas, lora_alpha),
@@ -209,6 +232,9 @@ def save_peft(
         "layers_pattern": None,
         "exclude_modules": None,
     }
+
+
+def _write(directory, config: dict, tensors: dict[str, np.ndarray]) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -216,7 +242,11 @@ def save_peft(
         from safetensors.numpy import save_file
 
     save_file(dict(sorted(tensors.items())), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return config
+
+
+def _rslora(method: Any) -> bool:
+    """PEFT's ``use_rslora`` (``s = alpha / √r``): LoRA's option; LorettaRep scales by ``alpha / r``."""
+    return isinstance(method, LoRA) and method.rslora
 
 
 def _targets(params: Any, paths: Iterable[str], layouts) -> dict[str, Target]:
@@ -231,10 +261,10 @@ def _targets(params: Any, paths: Iterable[str], layouts) -> dict[str, Target]:
     return found
 
 
-def _alpha(method: Any, path: str, rank: int, scale: float, rslora: bool) -> float:
+def _alpha(method: Any, path: str, rank: int, scale: float) -> float:
     """``lora_alpha`` giving ``scale`` under PEFT's rule; the method's own alpha when it agrees."""
-    divisor = math.sqrt(rank) if rslora else rank
-    declared = getattr(method, "alpha", None)
+    divisor = math.sqrt(rank) if _rslora(method) else rank
+    declared = method.alpha  # LorettaRep: one alpha
     if isinstance(method, LoRA):
         declared = first_match(path, method.alpha_pattern)
         if declared is None:
@@ -350,10 +380,32 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
         missing or extra tensors; shape mismatches.
     """
     config = _read_config(directory)
-    tensors = _read_tensors(directory)
     leaves = dict(named_leaves(params))
     family = names.resolve_family(list(leaves), family)
     file = os.path.join(directory, ADAPTER_WEIGHTS)
+    lora, full = _split_tensors(_read_tensors(directory), file)
+    flax_modules = names.modules(leaves)
+    embedding = names.tied_embedding(list(leaves), family)
+    tied_head = full.pop(f"{names.TIED_OUTPUT}.weight", None) if embedding else None
+    alignment = names.align(set(lora) | {k.rpartition(".")[0] for k in full}, set(flax_modules), family)
+    if alignment is None:
+        unknown = sorted(m for m in set(lora) | {k.rpartition(".")[0] for k in full} if m not in flax_modules)
+        raise ValueError(NOT_IN_PARAMS.format(missing=unknown[:5], known=sorted(flax_modules)[:5]))
+    _check_sets(_targeted_modules(config, lora, flax_modules, alignment, directory), lora, file)
+    flat, ranks, alphas = _lora_factors(config, lora, flax_modules, alignment, params)
+    flat.update(_load_saved(config, full, flax_modules, alignment, leaves, set(flat), file))
+    if embedding is not None:
+        _check_tied(embedding, tied_head, full, alignment)
+    method = _method(config, ranks, alphas, sorted(p for p, e in flat.items() if isinstance(e, Trainable)), leaves)
+    return method, nest(flat)
+
+
+def _split_tensors(tensors: dict[str, np.ndarray], file: str):
+    """``({module: {"lora_A": A, "lora_B": B}}, {full weight key: tensor})`` of a PEFT file.
+
+    Raises:
+      ValueError: a tensor of a LoRA variant (LoRA on embeddings, DoRA magnitudes, ...).
+    """
     lora: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     full: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
@@ -368,13 +420,16 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
             )
         else:
             full[key] = value
-    flax_modules = names.modules(leaves)
-    embedding = names.tied_embedding(list(leaves), family)
-    tied_head = full.pop(f"{names.TIED_OUTPUT}.weight", None) if embedding else None
-    alignment = names.align(set(lora) | {k.rpartition(".")[0] for k in full}, set(flax_modules), family)
-    if alignment is None:
-        unknown = sorted(m for m in set(lora) | {k.rpartition(".")[0] for k in full} if m not in flax_modules)
-        raise ValueError(NOT_IN_PARAMS.format(missing=unknown[:5], known=sorted(flax_modules)[:5]))
+    return lora, full
+
+
+def _targeted_modules(config: dict, lora: dict, flax_modules: dict, alignment, directory) -> set[str]:
+    """The PyTorch modules the config's ``target_modules`` selects among the params' kernels and
+    embeddings (as PEFT would on the PyTorch model).
+
+    Raises:
+      ValueError: it selects none.
+    """
     candidates = {}
     for module, params_of in flax_modules.items():
         torch_name = alignment.to_torch(module)
@@ -398,7 +453,16 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
             f"The params' modules are e.g. {sorted(candidates)[:8]}. Was the adapter made for "
             "another model?"
         )
-    _check_sets(targeted, lora, file)
+    return targeted
+
+
+def _lora_factors(config: dict, lora: dict, flax_modules: dict, alignment, params: Any):
+    """``({kernel path: LoraFactors}, {path: r}, {path: lora_alpha})``: ``a = Aᵀ: (in, r)``,
+    ``b = Bᵀ: (r, out)`` in float32, ``scale = alpha / r`` (``/ √r`` with ``use_rslora``).
+
+    Raises:
+      ValueError: LoRA on a leaf that is not a kernel, or factors of the wrong shape.
+    """
     kernels = {}
     for module in sorted(lora):
         path = flax_modules[alignment.to_flax(module)].get("weight")
@@ -427,11 +491,7 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
         scale = float(alpha) / (math.sqrt(r) if config["use_rslora"] else r)
         flat[path] = LoraFactors(jnp.asarray(a.T, jnp.float32), jnp.asarray(b.T, jnp.float32), scale=scale)
         ranks[path], alphas[path] = r, alpha
-    flat.update(_load_saved(config, full, flax_modules, alignment, leaves, set(flat), file))
-    if embedding is not None:
-        _check_tied(embedding, tied_head, full, alignment)
-    method = _method(config, ranks, alphas, sorted(p for p, e in flat.items() if isinstance(e, Trainable)), leaves)
-    return method, nest(flat)
+    return flat, ranks, alphas
 
 
 def _read_config(directory) -> dict:

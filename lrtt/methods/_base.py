@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtt.tt import _core as _tt
 from lrtt._adapter import Trainable
 from lrtt._paths import named_leaves
 from lrtt._targets import freeze_targets, matches
+from lrtt.tt import _core as _tt
 
 
 class Method:

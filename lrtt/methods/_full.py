@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtt.methods._base import Method, freeze_patterns, trainable_copies
 from lrtt._paths import nest
+from lrtt.methods._base import Method, freeze_patterns, trainable_copies
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from lrtt._adapter import LoraFactors
+from lrtt._paths import nest
+from lrtt._targets import Target, as_pairs, first_match, select
 from lrtt.methods._base import (
     Method,
     check_positive_int,
@@ -20,8 +22,6 @@ from lrtt.methods._base import (
     split_keys,
     trainable_copies,
 )
-from lrtt._paths import nest
-from lrtt._targets import Target, as_pairs, first_match, select
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

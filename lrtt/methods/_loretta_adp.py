@@ -9,18 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from lrtt import _families
-from lrtt.tt import _core as _tt
 from lrtt._adapter import ACTIVATIONS, BottleneckAdapter, TTKernel
-from lrtt.methods._base import (
-    Method,
-    check_choice,
-    check_positive_int,
-    freeze_patterns,
-    split_keys,
-    trainable_copies,
-)
 from lrtt._paths import nest
 from lrtt._targets import Target, as_pairs, select
+from lrtt.methods._base import Method, check_choice, check_positive_int, freeze_patterns, split_keys, trainable_copies
+from lrtt.tt import _core as _tt
 
 ADP_INITS = ("identity", "gaussian")
 

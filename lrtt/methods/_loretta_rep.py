@@ -8,8 +8,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtt.tt import _core as _tt
 from lrtt._adapter import TTFactors
+from lrtt._paths import nest
+from lrtt._targets import Target, as_pairs, select
 from lrtt.methods._base import (
     Method,
     check_choice,
@@ -21,8 +22,7 @@ from lrtt.methods._base import (
     split_keys,
     trainable_copies,
 )
-from lrtt._paths import nest
-from lrtt._targets import Target, as_pairs, select
+from lrtt.tt import _core as _tt
 
 REP_INITS = ("zero_delta", "gaussian")
 

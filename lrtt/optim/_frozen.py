@@ -5,15 +5,17 @@ as a separate, non-differentiated argument (:mod:`lrtt.train`); the optimizer th
 frozen leaf. Users who keep one tree (``{"params": params, "adapter": adapter}``, or adapter
 entries spliced into the params) wrap their optimizer instead::
 
-    tx = lrtt.optim.masked(optax.adamw(1e-3))        # trains the leaves of lrtt entries only
+    tx = lrtt.optim.adapter_only(optax.adamw(1e-3))  # trains the leaves of lrtt entries only
     opt_state = tx.init(tree)                        # adapter-sized moments, nothing frozen
     updates, opt_state = tx.update(grads, opt_state, tree)
     tree = lrtt.optim.apply_updates(tree, updates)   # frozen leaves returned as they came
 
-Under :func:`masked` the frozen leaves get ``optax.set_to_zero()`` through ``optax.partition``:
+Under :func:`adapter_only` the frozen leaves get ``optax.set_to_zero()`` through ``optax.partition``:
 its state is ``EmptyState()`` and the inner optimizer is masked with ``MaskedNode`` placeholders,
 so the optimizer state holds arrays for the trainable leaves only (plus scalar counters), and
-weight decay never touches a frozen leaf.
+weight decay never touches a frozen leaf. It is ``optax.transforms.selective_transform`` with
+the freeze mask read off each tree (``where``) instead of given once. Not ``optax.masked``:
+that one passes the updates of masked-out leaves through unchanged (the gradient itself).
 
 Which leaves train (``where``, one spec language everywhere in this module):
 
@@ -110,12 +112,13 @@ def adapter_labels(tree: Any, where: Any = None) -> Any:
     return jax.tree.map(lambda m: TRAINABLE if m else FROZEN, trainable_mask(tree, where))
 
 
-def masked(optimizer: optax.GradientTransformation, where: Any = None) -> optax.GradientTransformationExtraArgs:
+def adapter_only(optimizer: optax.GradientTransformation, where: Any = None) -> optax.GradientTransformationExtraArgs:
     """``optimizer`` on the trainable leaves; frozen leaves get no state and a zero update.
 
     .. math::  u_i = \\mathrm{optimizer}(g)_i \\;(i \\text{ trainable}), \\qquad u_i = 0 \\;(i \\text{ frozen})
 
-    Built as ``optax.partition({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)``:
+    Built as ``optax.partition({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)``,
+    as ``optax.transforms.selective_transform`` is, with labels from :func:`adapter_labels`:
     ``set_to_zero`` keeps ``EmptyState()`` and the inner optimizer sees ``MaskedNode`` at every
     frozen leaf, so no moment, no weight decay and no schedule state is kept for frozen leaves.
     Any optax schedule given to ``optimizer`` (e.g. ``optax.adamw(optax.warmup_cosine_decay_schedule(...))``)
@@ -131,7 +134,7 @@ def masked(optimizer: optax.GradientTransformation, where: Any = None) -> optax.
     Example:
       >>> import jax, jax.numpy as jnp, optax, lrtt
       >>> tree = {"w": jnp.ones((64, 64)), "lora": lrtt.LoraFactors(jnp.ones((64, 2)), jnp.zeros((2, 64)), scale=1.0)}
-      >>> state = lrtt.optim.masked(optax.adam(1e-3)).init(tree)
+      >>> state = lrtt.optim.adapter_only(optax.adam(1e-3)).init(tree)
       >>> sorted({x.shape for x in jax.tree.leaves(state)})
       [(), (2, 64), (64, 2)]
     """

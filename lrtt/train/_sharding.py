@@ -16,8 +16,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lrtt import _families
 from lrtt._adapter import LoraFactors, Trainable, entries, is_entry
 from lrtt._count import adapter_shapes
-from lrtt._paths import named_leaves, path_str
-from lrtt._targets import exact_patterns, first_match, select
+from lrtt._paths import exact_patterns, named_leaves, path_str
+from lrtt._targets import first_match, select
 
 PARAM_RULE_PRESETS = ("replicated", "fsdp", "tensor")
 

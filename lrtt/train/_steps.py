@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from lrtt._factored._adapted import wrap
 from lrtt._count import adapter_shapes
+from lrtt._factored._adapted import wrap
 from lrtt._factored._interpreter import factored
 from lrtt.train._sharding import adapter_specs, param_specs
 
