@@ -33,6 +33,25 @@ def _leaf_targets(params: Any, paths: set[str], layouts) -> dict[str, Target]:
     return found
 
 
+def check_covers(method: Any, params: Any, adapted: "set[str] | frozenset[str]") -> None:
+    """Every leaf ``method`` selects in ``params`` (``method.plan(params)``) has an adapter entry.
+
+    Raises:
+      ValueError: the adapter has no entry for some selected leaves: it was made for other params
+        (e.g. a model with fewer layers), and those leaves would silently stay unadapted.
+    """
+    planned = [t.path for t in method.plan(params)]
+    missing = [p for p in planned if p not in adapted]
+    if missing:
+        raise ValueError(
+            f"the adapter has no entry for {len(missing)} of the {len(planned)} leaves that "
+            f"{type(method).__name__} selects in these params, e.g. {missing[:5]}: it was made for "
+            "other params (a model with fewer layers, or other targets), and those leaves would "
+            "silently stay unadapted. Use the adapter made for this model (method.init(key, params) "
+            "creates one), or the params it was made for."
+        )
+
+
 def low_rank_delta(entry: "LoraFactors | TTFactors", target: Target) -> jax.Array:
     """``ΔW = scale · A @ B`` in the leaf's own layout and shape (float32 or the factors' dtype)."""
     a, b = entry.factor_matrices()
@@ -62,11 +81,15 @@ def delta(method: Any, params: Any, adapter: Any) -> dict[str, jax.Array]:
     """``{path: ΔW}`` of every low-rank entry, each in the shape of the leaf it adapts.
 
     Raises:
-      ValueError: the method is not mergeable (LorettaAdp), or the adapter does not fit.
+      ValueError: the method is not mergeable (LorettaAdp), or the adapter does not fit: it names
+        leaves the params lack, its factors have other shapes, or it has no entry for a leaf the
+        method selects in ``params`` (made for a model with fewer layers).
     """
     _require_mergeable(method)
-    low_rank = {p: e for p, e in entries(adapter).items() if isinstance(e, (LoraFactors, TTFactors))}
+    found = entries(adapter)
+    low_rank = {p: e for p, e in found.items() if isinstance(e, (LoraFactors, TTFactors))}
     targets = _leaf_targets(params, set(low_rank), method.layouts)
+    check_covers(method, params, set(found))
     return {p: low_rank_delta(e, targets[p]) for p, e in low_rank.items()}
 
 
@@ -105,7 +128,7 @@ def merge(method: Any, params: Any, adapter: Any) -> Any:
 
     Raises:
       ValueError: for LorettaAdp (non-linear, see ``NOT_MERGEABLE``) or an adapter made for
-        other params.
+        other params (leaves they lack, other shapes, or selected leaves it has no entry for).
     """
     return _apply(method, params, adapter, +1.0)
 

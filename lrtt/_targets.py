@@ -2,7 +2,7 @@
 
 ``targets`` is a regular expression, a list of them, or a preset name (``"qv"``,
 ``"attention"``, ``"all-linear"``), matched with ``re.search`` against each leaf's ``/``-joined
-path. Every selected leaf is read as a matrix ``(in, out)`` through its :class:`Layout`:
+path; each regex of a list must match some leaf (a preset is checked per family instead). Every selected leaf is read as a matrix ``(in, out)`` through its :class:`Layout`:
 
 * ``"in out"``: a Flax ``Dense`` kernel (the default for a 2-D leaf).
 * ``"out in"``: a transformers Flax GPT-2 ``Conv1D`` kernel (preset for GPT-2).
@@ -249,8 +249,54 @@ def freeze_targets(targets: "str | Sequence[str] | None", layouts: Any = (), *, 
     return patterns
 
 
+def dead_patterns(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The patterns of ``patterns`` that match none of ``paths``, in order.
+
+    A preset name stands for all its regexes (dead when none of them matches); an exact-path
+    pattern (:func:`lrtt._paths.exact_patterns`) is a set lookup, any other regex is searched.
+    """
+    if preset_of(patterns):
+        return [] if any(matches(p, patterns) for p in paths) else list(patterns)
+    present = set(paths)
+    dead = []
+    for pattern in patterns:
+        path = exact_path(pattern)
+        if path is not None:
+            found = path in present
+        else:
+            regex = re.compile(pattern)
+            found = any(regex.search(p) for p in paths)
+        if not found:
+            dead.append(pattern)
+    return dead
+
+
+def leaf_examples(paths: Sequence[str], n: int = 12) -> str:
+    """Up to ``n`` leaf paths, one per indented line (for error messages)."""
+    return "\n  ".join(paths[:n]) + ("\n  ..." if len(paths) > n else "")
+
+
+def dead_pattern_message(name: str, dead: Sequence[str], paths: Sequence[str], consequence: str) -> str:
+    """The error for patterns of a user-given list that match no leaf: which, why it matters, the fix."""
+    presets = [p for p in dead if p in TARGET_PRESETS]
+    preset_hint = (
+        f" {', '.join(map(repr, presets))} {'is a preset name' if len(presets) == 1 else 'are preset names'}, "
+        f"and a preset is used alone (`{name}`={presets[0]!r}), not inside a list of regexes."
+        if presets
+        else ""
+    )
+    shown = repr(dead[0]) if len(dead) == 1 else str(list(dead))
+    return (
+        f"`{name}` pattern{'s' if len(dead) > 1 else ''} {shown} matched no leaf of the params, "
+        f"so {consequence}. Every pattern of `{name}` must match a leaf: one that matches nothing is "
+        f"a typo or was written for another model.{preset_hint} Fix or drop "
+        f"{'them' if len(dead) > 1 else 'it'}; patterns are regexes searched in each leaf's "
+        f"'/'-joined path. The params have {len(paths)} leaves, e.g.:\n  {leaf_examples(paths)}"
+    )
+
+
 def _no_match_message(name: str, patterns, paths: list[str]) -> str:
-    shown = "\n  ".join(paths[:12]) + ("\n  ..." if len(paths) > 12 else "")
+    shown = leaf_examples(paths)
     return (
         f"`{name}` {list(patterns)} matched no leaf of the params. Patterns are regexes searched in "
         f"each leaf's '/'-joined path; presets are {sorted(TARGET_PRESETS)} (for the families "
@@ -275,11 +321,14 @@ def select(
       targets: preset name, regex or list of regexes.
       layouts: ``(regex, layout)`` pairs that override the family presets and the 2-D default.
       name: the argument name used in error messages.
-      require: raise when nothing matches.
+      require: raise when nothing matches, or when one regex of a list (not a preset: a
+        preset is resolved and checked per family) matches no leaf. Internal callers that pass
+        exact paths of another tree use ``require=False``.
 
     Raises:
-      ValueError: nothing matched (the message lists leaf paths), a matched leaf has no
-        layout (not 2-D and none declared), or a layout does not fit the leaf's rank.
+      ValueError: nothing matched, or (``require``) a pattern of a list matched nothing (the
+        message lists leaf paths); a matched leaf has no layout (not 2-D and none declared), or
+        a layout does not fit the leaf's rank.
     """
     patterns = normalize_patterns(targets, name=name)
     layouts = as_pairs(layouts)
@@ -327,6 +376,14 @@ def select(
         selected.append(Target(path, shape, leaf.dtype, layout))
     if require and not selected:
         raise ValueError(_no_match_message(name, patterns, paths))
+    if require and preset is None and len(patterns) > 1:
+        dead = dead_patterns(paths, patterns)
+        if dead:
+            consequence = (
+                "the leaves it was meant for would silently stay unadapted (the other patterns "
+                f"matched {len(selected)} leaves)"
+            )
+            raise ValueError(dead_pattern_message(name, dead, paths, consequence))
     return selected
 
 

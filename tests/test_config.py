@@ -48,7 +48,7 @@ def test_overrides_are_parsed_as_yaml():
         (lambda r: r["train"].update(forward="dense"), r"`train.forward` must be one of \['factored', 'merged'\]"),
         (lambda r: r["train"].update(eval_every=0), r"`train.eval_every` must be >= 1, got 0"),
         (lambda r: r["train"].update(batch_size=-4), r"`train.batch_size` must be >= 1, got -4"),
-        (lambda r: r["train"].update(lr=0), r"`train.lr` must be > 0, got 0"),
+        (lambda r: r["train"].update(lr=0), r"`train.lr` must be a finite number > 0, got 0"),
         (lambda r: r.update(output={"keep": 0}), r"`output.keep` must be >= 1"),
     ],
 )

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lrtt._adapter import BottleneckAdapter, LoraFactors, Trainable, TTFactors, TTKernel, entries
-from lrtt._merge import _leaf_targets
+from lrtt._merge import _leaf_targets, check_covers
 from lrtt._paths import named_leaves, replace_leaves
 from lrtt._targets import Layout, Target
 
@@ -199,11 +199,14 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
       A tree with the structure of ``params``.
 
     Raises:
-      ValueError: the adapter names leaves the params lack, or its factors do not fit them.
+      ValueError: the adapter names leaves the params lack, its factors do not fit them, or it
+        has no entry for a leaf the method selects in ``params`` (``method.plan(params)``): an
+        adapter made for a model with fewer layers.
     """
     flat = entries(adapter)
     shaped = {p for p, e in flat.items() if not isinstance(e, Trainable)}
     targets = _leaf_targets(params, shaped, method.layouts)
+    check_covers(method, params, set(flat))
     base = dict(named_leaves(params))
     rate = float(method.dropout)
     low_rank = [p for p, e in flat.items() if isinstance(e, (LoraFactors, TTFactors))]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -50,6 +51,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     seed: int = 0
     forward: str = "factored"  # factored | merged
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or update does (never applied)
+    max_skips: int = 10  # on_nonfinite=skip: this many skipped steps in a row stop the run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,7 @@ _MINIMUM = {
     "data.max_len": 2, "data.train_limit": 1, "data.eval_limit": 1,
     "train.steps": 1, "train.batch_size": 1, "train.warmup": 0, "train.weight_decay": 0.0,
     "train.accumulate": 1, "train.eval_every": 1, "train.eval_batch_size": 1,
-    "output.save_every": 1, "output.keep": 1,
+    "output.save_every": 1, "output.keep": 1, "train.max_skips": 1,
 }
 
 
@@ -143,8 +146,10 @@ def _section(name: str, raw: Any, cls, source: str):
         minimum = _MINIMUM.get(f"{name}.{key}")
         if minimum is not None and converted is not None and converted < minimum:
             raise ConfigError(f"{source}: `{name}.{key}` must be >= {minimum}, got {value!r}.")
-        if f"{name}.{key}" == "train.lr" and not converted > 0:
-            raise ConfigError(f"{source}: `train.lr` must be > 0, got {value!r}.")
+        if f"{name}.{key}" == "train.lr" and not (math.isfinite(converted) and converted > 0):
+            raise ConfigError(f"{source}: `train.lr` must be a finite number > 0, got {value!r}.")
+        if isinstance(converted, float) and not math.isfinite(converted):
+            raise ConfigError(f"{source}: `{name}.{key}` must be a finite number, got {value!r}.")
         values[key] = converted
     return cls(**values)
 
@@ -175,6 +180,7 @@ def parse(raw: Any, *, source: str = "config") -> RunConfig:
     _check_choice(method["name"], METHODS, "method.name", source)
     sections = {name: _section(name, raw.get(name), cls, source) for name, cls in _SECTIONS.items()}
     _check_choice(sections["train"].forward, ("factored", "merged"), "train.forward", source)
+    _check_choice(sections["train"].on_nonfinite, ("stop", "skip"), "train.on_nonfinite", source)
     return RunConfig(model=raw["model"], method=dict(method), **sections)
 
 

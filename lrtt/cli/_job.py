@@ -7,7 +7,11 @@ only), ``metrics.jsonl`` (one JSON object per logged step or evaluation), ``curv
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 
 import lrtt
 from lrtt.cli._config import ConfigError, RunConfig
+from lrtt.cli._rundir import drop_metrics_after, locked, set_aside
 from lrtt.cli._tasks import Task, build_task, summarize
 from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
 
@@ -26,8 +31,6 @@ METHOD_CLASSES = {"full": FullFineTune, "lora": LoRA, "loretta_rep": LorettaRep,
 
 def build_method(config: RunConfig) -> Any:
     """The method of ``config.method`` (``name`` plus the class's keyword arguments)."""
-    import dataclasses
-
     options = {k: v for k, v in config.method.items() if k != "name"}
     cls = METHOD_CLASSES[config.method_name]
     allowed = [f.name for f in dataclasses.fields(cls) if f.name != "param_dtype"]
@@ -132,23 +135,59 @@ def count_table(task_params: Any, method: Any) -> str:
     return lrtt.parameter_table(task_params, comparison)
 
 
-def train(config: RunConfig, *, progress: bool = True) -> dict:
-    """Train (or resume) the run of ``config``; returns the final summary."""
+@dataclasses.dataclass(frozen=True)
+class RestoreFrom:
+    """Which checkpoint a job starts from: the newest (default), ``step``, or with ``fallback``
+    the newest that reads back whole (damaged newer ones are reported and skipped)."""
+
+    step: int | None = None
+    fallback: bool = False
+
+
+def train(config: RunConfig, *, progress: bool = True, restore: RestoreFrom = RestoreFrom()) -> dict:
+    """Train (or resume) the run of ``config``; returns the final summary.
+
+    Everything that can be checked is checked before the run directory changes: the config
+    (when it was loaded), the method on the model, the checkpoint it resumes from (same method,
+    shapes, intact bytes) and the step count. Then ``config.json`` is written and training runs
+    under the directory's writer lock.
+
+    Raises:
+      ConfigError, ValueError: a setting that does not fit (nothing in the directory changed).
+      RunLockedError: another ``lrtt train`` holds the directory.
+      DivergenceError: a non-finite loss or update (the step was not applied, nothing after the
+        last good checkpoint was saved, the export was not touched).
+    """
     out = Path(config.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"`output.dir` {str(out)!r} is a file, not a directory; choose another output.dir.")
     method = build_method(config)
+    merged = out / "merged"
+    if config.output.export and method.mergeable and merged.exists() and not merged.is_dir():
+        raise ConfigError(
+            f"{merged} is a file where the merged export goes; move it away, or set output.export=false."
+        )
     task = build_task(config)
     state, step_fn = _training(config, method, task)
-    manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
-    state, position = _resume(manager, state, out)
-    started = time.perf_counter()
-    state = _loop(config, method, task, state, step_fn, manager, position, progress=progress)
-    manager.wait()
-    elapsed = time.perf_counter() - started
-    summary = _finish(config, method, task, state, elapsed)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out):
+        manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
+        state, position, moved = _resume(config, manager, state, restore)
+        if moved:  # steps were moved out of the directory: a fresh manager sees the new list
+            manager.close()
+            manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        started = time.perf_counter()
+        try:
+            state, skipped = _loop(config, method, task, state, step_fn, manager, position, progress=progress)
+        finally:
+            manager.wait()
+            manager.close()
+        elapsed = time.perf_counter() - started
+        summary = _finish(config, method, task, state, elapsed)
+        summary["skipped_steps"] = skipped
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
     _report(config, method, task, summary)
     return summary
 
@@ -161,6 +200,7 @@ def _training(config: RunConfig, method: Any, task: Task):
         warmup=min(config.train.warmup, config.train.steps // 2),  # short runs: warmup capped at half
         total=config.train.steps + 1,
         weight_decay=config.train.weight_decay,
+        skip_nonfinite=True,
     )
     state = lrtt.train.init_state(adapter, optimizer, rng=config.train.seed)
     forward = config.train.forward if method.mergeable else "factored"
@@ -168,18 +208,50 @@ def _training(config: RunConfig, method: Any, task: Task):
     return state, lrtt.train.jit_step(loss, optimizer, accumulate=config.train.accumulate)
 
 
-def _resume(manager: Any, state: Any, out: Path) -> tuple[Any, tuple[int, int]]:
-    """``(state, (epoch, index))`` from the newest checkpoint, or as given at position (0, 0)."""
-    if manager.latest_step() is None:
-        return state, (0, 0)
-    restored = manager.restore(adapter_like=state.adapter, opt_state_like=state.opt_state)
+def _resume(config: RunConfig, manager: Any, state: Any, restore: RestoreFrom) -> tuple[Any, tuple[int, int], bool]:
+    """``(state, (epoch, index), moved)`` from the checkpoint ``restore`` names, or the fresh
+    state at (0, 0); ``moved``: later steps were set aside.
+
+    Checkpoints newer than the one restored (an earlier ``--restore-step``, or damaged ones
+    skipped by ``--fallback``) are moved to ``<run>/discarded/`` so training can write those steps
+    anew; nothing is deleted. The metrics of steps after it are dropped (they are replayed).
+
+    Raises:
+      ConfigError: the run is already past ``train.steps``, or a restore option without checkpoints.
+      CheckpointMismatchError, CheckpointCorruptError: from the restore (nothing changed yet).
+    """
+    out = Path(config.output.dir)
+    steps = manager.all_steps()
+    if not steps:
+        if restore.step is not None or restore.fallback:
+            raise ConfigError(f"--restore-step/--fallback: {out} has no checkpoint to restore from.")
+        return state, (0, 0), False
+    with _cli_advice(manager):
+        restored = manager.restore(adapter_like=state.adapter, opt_state_like=state.opt_state,
+                                   step=restore.step, fallback=restore.fallback)
+    if restored.step > config.train.steps:
+        raise ConfigError(
+            f"{out} is at step {restored.step}, past `train.steps`={config.train.steps}: there is nothing "
+            f"to train. Set train.steps above {restored.step} to continue, or use `lrtt eval`/`lrtt export` "
+            "on this run."
+        )
+    later = [s for s in steps if s > restored.step]
+    moved = set_aside(Path(manager.directory), later, out)
+    if moved is not None:
+        print(f"checkpoints {later} moved to {moved} (kept, not deleted): training continues from step {restored.step}")
+    dropped = drop_metrics_after(out / "metrics.jsonl", restored.step)
     state = lrtt.train.TrainState(restored.adapter, restored.opt_state, jnp.asarray(restored.step, jnp.int32), restored.rng)
-    print(f"resuming {out} from step {restored.step}")
-    return state, (restored.data_position["epoch"], restored.data_position["index"])
+    print(f"resuming {out} from step {restored.step}" + (f" ({dropped} metric records of later steps dropped)" if dropped else ""))
+    return state, (restored.data_position["epoch"], restored.data_position["index"]), moved is not None
 
 
-def _loop(config, method, task, state, step_fn, manager, position, *, progress: bool):
-    """Steps up to ``config.train.steps``: log each, evaluate and checkpoint on schedule."""
+def _loop(config, method, task, state, step_fn, manager, position, *, progress: bool) -> tuple[Any, int]:
+    """Steps up to ``config.train.steps``: log each, evaluate and checkpoint on schedule.
+
+    A step whose loss or update is not finite is never applied (the optimizer skips it on
+    device); here it stops the run (``train.on_nonfinite=stop``) or is counted and logged
+    (``skip``, up to ``train.max_skips`` in a row). Returns ``(state, skipped steps)``.
+    """
     from tqdm.auto import tqdm
 
     metrics_path = Path(config.output.dir) / "metrics.jsonl"
@@ -190,22 +262,49 @@ def _loop(config, method, task, state, step_fn, manager, position, *, progress: 
     redraw = 0.1 if sys.stderr.isatty() else 30.0
     bar = tqdm(total=config.train.steps, initial=step, disable=not progress, desc=f"{config.method_name}", unit="step",
                mininterval=redraw)
-    while step < config.train.steps:
-        batch, position = next(data)
-        state, loss_value = step_fn(state, task.params, batch)
-        step += 1
-        loss_value = float(loss_value)
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # drawn by update(), at its interval
-        bar.update(1)
-        _log(metrics_path, {"kind": "train", "step": step, "loss": loss_value, "time": time.perf_counter() - started})
-        if step % config.train.eval_every == 0 or step == config.train.steps:
-            result = evaluate_split(task, method, state.adapter, "validation", config.train.eval_batch_size)
-            _log(metrics_path, {"kind": "eval", "split": "validation", "step": step, **result})
-            bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        if step % config.output.save_every == 0 or step == config.train.steps:
-            manager.save(step, state.adapter, state.opt_state, data_position={"epoch": position[0], "index": position[1]}, rng=state.rng)
-    bar.close()
-    return state
+    skipped = 0
+    try:
+        while step < config.train.steps:
+            batch, position = next(data)
+            state, loss_value = step_fn(state, task.params, batch)
+            step += 1
+            loss_value, (consecutive, _) = jax.device_get((loss_value, lrtt.train.nonfinite_counts(state.opt_state)))
+            loss_value, consecutive = float(loss_value), int(consecutive)
+            if consecutive or not math.isfinite(loss_value):
+                skipped += 1
+                _log(metrics_path, {"kind": "skipped", "step": step, "loss": repr(loss_value)})
+                _check_divergence(config, manager, step, loss_value, consecutive)
+                bar.update(1)
+                continue
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # drawn by update(), at its interval
+            bar.update(1)
+            _log(metrics_path, {"kind": "train", "step": step, "loss": loss_value, "time": time.perf_counter() - started})
+            if step % config.train.eval_every == 0 or step == config.train.steps:
+                result = evaluate_split(task, method, state.adapter, "validation", config.train.eval_batch_size)
+                _log(metrics_path, {"kind": "eval", "split": "validation", "step": step, **result})
+                bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            if step % config.output.save_every == 0 or step == config.train.steps:
+                manager.save(step, state.adapter, state.opt_state, data_position={"epoch": position[0], "index": position[1]}, rng=state.rng)
+    finally:
+        bar.close()
+    return state, skipped
+
+
+def _check_divergence(config: RunConfig, manager: Any, step: int, loss: float, consecutive: int) -> None:
+    """Raise :class:`lrtt.train.DivergenceError` unless ``train.on_nonfinite=skip`` allows one more skip."""
+    if config.train.on_nonfinite == "skip" and consecutive <= config.train.max_skips:
+        print(f"step {step}: non-finite loss or update (loss {loss!r}); step skipped, not applied", file=sys.stderr)
+        return
+    manager.wait()
+    last = manager.latest_step()
+    kept = f"the last checkpoint, step {last}, is kept" if last is not None else "no checkpoint was written"
+    why = (f"{consecutive} steps in a row were non-finite (train.max_skips={config.train.max_skips})"
+           if config.train.on_nonfinite == "skip" else f"the loss is {loss!r} or the update is not finite")
+    raise lrtt.train.DivergenceError(
+        f"training diverged at step {step}: {why}. The step was not applied and nothing after it was "
+        f"saved; {kept}, and the merged export was not touched. Lower train.lr (now {config.train.lr:g}), "
+        "or set train.on_nonfinite=skip to skip such steps."
+    )
 
 
 def _finish(config: RunConfig, method: Any, task: Task, state: Any, elapsed: float) -> dict:
@@ -241,34 +340,54 @@ def _report(config: RunConfig, method: Any, task: Task, summary: dict) -> None:
         print(f"no merged export: {type(method).__name__} is not mergeable (non-linear adapters)")
 
 
-def _restore_adapter(config: RunConfig, method: Any, task: Task) -> Any:
-
-    adapter_like = lrtt.adapter_shapes(method, task.params)
-    manager = lrtt.CheckpointManager(Path(config.output.dir) / "checkpoints", method)
-    if manager.latest_step() is None:
+def _restore_adapter(config: RunConfig, method: Any, task: Task, restore: RestoreFrom = RestoreFrom()) -> Any:
+    """The adapter of the run's checkpoint ``restore`` names; creates nothing on disk."""
+    checkpoints = Path(config.output.dir) / "checkpoints"
+    if not checkpoints.is_dir():
         raise ConfigError(
-            f"no checkpoint under {config.output.dir}/checkpoints; run `lrtt train` with this config first."
+            f"no checkpoints in {config.output.dir} ({checkpoints} does not exist); run `lrtt train` with this "
+            "config first, or point output.dir at a run."
         )
-    return manager.restore(adapter_like=adapter_like).adapter
+    adapter_like = lrtt.adapter_shapes(method, task.params)
+    with lrtt.CheckpointManager(checkpoints, method, create=False) as manager:
+        if manager.latest_step() is None:
+            raise ConfigError(f"no committed checkpoint in {checkpoints}; run `lrtt train` with this config first.")
+        with _cli_advice(manager):
+            return manager.restore(adapter_like=adapter_like, step=restore.step, fallback=restore.fallback).adapter
 
 
-def evaluate(config: RunConfig, split: str = "test") -> dict:
-    """Metrics of the latest checkpoint of the run on ``split``."""
+@contextlib.contextmanager
+def _cli_advice(manager: Any):
+    """A damaged checkpoint's error, with the command-line way out (the API's names a call)."""
+    try:
+        yield
+    except lrtt.CheckpointCorruptError as err:
+        steps = manager.all_steps()
+        damaged = [s for s in steps if re.search(rf"\bstep {s}\b", str(err))]
+        earlier = [s for s in steps if not damaged or s < damaged[0]]
+        way_out = f" or --restore-step {earlier[-1]} (committed steps: {steps})" if earlier else ""
+        raise lrtt.CheckpointCorruptError(
+            f"{err}\nFrom the command line: add --fallback (the newest step that reads back whole){way_out}."
+        ) from None
+
+
+def evaluate(config: RunConfig, split: str = "test", restore: RestoreFrom = RestoreFrom()) -> dict:
+    """Metrics of the run's latest checkpoint (or the one ``restore`` names) on ``split``."""
     method = build_method(config)
     task = build_task(config)
     if split not in task.splits:
         raise ConfigError(f"`split` must be one of {sorted(task.splits)}, got {split!r}.")
-    adapter = _restore_adapter(config, method, task)
+    adapter = _restore_adapter(config, method, task, restore)
     return evaluate_split(task, method, adapter, split, config.train.eval_batch_size)
 
 
-def export(config: RunConfig, *, out: str | None = None, method=None, task=None, adapter=None) -> Path:
+def export(config: RunConfig, *, out: str | None = None, method=None, task=None, adapter=None,
+           restore: RestoreFrom = RestoreFrom()) -> Path:
     """Write the merged params of the run as a transformers ``save_pretrained`` directory."""
-
     method = method or build_method(config)
     task = task or build_task(config)
     if adapter is None:
-        adapter = _restore_adapter(config, method, task)
+        adapter = _restore_adapter(config, method, task, restore)
     path = Path(out or Path(config.output.dir) / "merged")
     lrtt.export_merged(method, task.params, adapter, path, model=task.model)
     return path

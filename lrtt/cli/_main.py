@@ -4,6 +4,11 @@
     lrtt eval configs/minilm_bbc_loretta_rep.yaml --split test
     lrtt export configs/minilm_bbc_loretta_rep.yaml --out merged/
     lrtt count configs/smollm2_bbc_loretta_rep.yaml
+
+Exit status: 0 done; 2 a config, setting or file that does not fit (nothing in the run changed);
+3 training diverged (the last good checkpoint and export are kept); 1 any other failure (the
+message names it); 130 interrupted. Every failure is one line ``lrtt: error: ...``;
+``LRTT_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -34,30 +39,70 @@ def _parser() -> argparse.ArgumentParser:
                          help="override a config key, e.g. --set train.steps=50 (repeatable)")
         return sub
 
-    train = add("train", "train (or resume) the run of a config")
+    def restore_options(sub):
+        sub.add_argument("--restore-step", type=int, default=None, metavar="N",
+                         help="start from checkpoint step N instead of the newest")
+        sub.add_argument("--fallback", action="store_true",
+                         help="if the newest checkpoint is damaged, use the newest one that reads back whole")
+        return sub
+
+    train = restore_options(add("train", "train (or resume) the run of a config"))
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    evaluate = add("eval", "evaluate the run's latest checkpoint")
+    evaluate = restore_options(add("eval", "evaluate the run's latest checkpoint"))
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    export = add("export", "write the merged params of the run's latest checkpoint")
+    export = restore_options(add("export", "write the merged params of the run's latest checkpoint"))
     export.add_argument("--out", default=None, help="directory (default: <output.dir>/merged)")
     add("count", "print the trainable-parameter table (from shapes only)")
     return parser
 
 
+def _message(err: BaseException) -> str:
+    """One sentence for an expected failure: lrtt's messages as they are; OS errors with the path."""
+    if isinstance(err, OSError) and err.strerror and not type(err).__module__.startswith("lrtt"):
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}. Check that the path exists and that you may write there."
+    text = str(err) or type(err).__name__
+    if type(err).__module__.startswith(("lrtt", "builtins")):
+        return text
+    return f"{type(err).__module__.split('.')[0]} failed: {text}"
+
+
+def _quiet_orbax_leftovers() -> None:
+    """After a failed restore, orbax's pending asyncio coroutines are collected (during the
+    error or when the process exits) and print "Exception ignored in: <coroutine ...>" /
+    "Event loop is closed" by the hundred. The error is reported once, as a sentence; such
+    unraisable leftovers (which cannot change the outcome) are not shown."""
+    default = sys.unraisablehook
+    if getattr(default, "lrtt_quiet", False):
+        return
+
+    def hook(unraisable):
+        text = f"{unraisable.exc_value!r} {unraisable.object!r}"
+        if "Event loop is closed" in text or "coroutine" in text or "orbax" in text:
+            return
+        default(unraisable)
+
+    hook.lrtt_quiet = True
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet()
+    if not os.environ.get("LRTT_DEBUG"):
+        _quiet_orbax_leftovers()
     args = _parser().parse_args(argv)
     with needs_extra():
         from lrtt.cli import _config, _job
 
     try:
         config = _config.load(args.config, args.overrides)
+        restore = _job.RestoreFrom(getattr(args, "restore_step", None), getattr(args, "fallback", False))
         if args.command == "train":
-            _job.train(config, progress=not args.no_progress)
+            _job.train(config, progress=not args.no_progress, restore=restore)
         elif args.command == "eval":
-            print(json.dumps(_job.evaluate(config, args.split), indent=2))
+            print(json.dumps(_job.evaluate(config, args.split, restore), indent=2))
         elif args.command == "export":
-            print(f"merged params written to {_job.export(config, out=args.out)}")
+            print(f"merged params written to {_job.export(config, out=args.out, restore=restore)}")
         else:
             method = _job.build_method(config)
             from lrtt.cli._tasks import build_task
@@ -66,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     except _config.ConfigError as err:
         print(f"lrtt: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError) as err:  # lrtt's errors for bad settings (no target matched, ...)
+    except KeyboardInterrupt:
+        print("lrtt: interrupted; the last committed checkpoint is kept (resume with `lrtt train`)", file=sys.stderr)
+        return 130
+    except Exception as err:  # every expected failure is one sentence; LRTT_DEBUG=1 for the traceback
         if os.environ.get("LRTT_DEBUG"):
             raise
-        print(f"lrtt: error: {err}\n(set LRTT_DEBUG=1 to see the traceback)", file=sys.stderr)
-        return 2
+        code = 3 if isinstance(err, FloatingPointError) else 2 if isinstance(err, (ValueError, TypeError)) else 1
+        print(f"lrtt: error: {_message(err)}\n(set LRTT_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return code
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,9 +14,17 @@ Semantics (what a resumed run can rely on):
   temporary directory and renames it on commit, so a process killed mid-save leaves no step
   behind (the temporary directory is ignored, and removed when the next manager opens).
 * The last ``max_to_keep`` committed steps are kept; nothing is deleted on an error.
+* ``save`` refuses a step whose adapter or optimizer state holds NaN or inf
+  (:class:`NonFiniteError`; nothing is written for it), so every checkpoint is finite and the
+  rotation never deletes the last finite one. It also refuses a directory that holds Orbax steps
+  lrtt did not write (:class:`ForeignCheckpointError`): the rotation would delete them.
 * ``restore`` first compares the checkpoint's method config and adapter entries with the current
   method and ``adapter_like``; any difference (method, rank, TT shape, targets, a leaf's shape or
-  dtype) raises :class:`CheckpointMismatchError` listing every difference.
+  dtype) raises :class:`CheckpointMismatchError` summarizing the differences (the first ones,
+  then a count per kind).
+* A step that Orbax wrote for another program (neither of lrtt's ``meta`` and ``adapter`` items,
+  or a ``meta`` that reads back without lrtt's format) raises :class:`ForeignCheckpointError`,
+  not a damage error.
 * A committed but damaged step (truncated or deleted file, altered bytes: the fingerprints catch
   what the storage layer does not) raises :class:`CheckpointCorruptError` naming the step and the
   earlier steps; ``restore(step=<earlier>)`` restores one of them. With ``fallback=True`` and no
@@ -50,6 +58,26 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointCorruptError(ValueError):
     """A committed checkpoint step cannot be read back intact."""
+
+
+class ForeignCheckpointError(ValueError):
+    """The directory holds Orbax checkpoint steps that lrtt.CheckpointManager did not write."""
+
+
+class NonFiniteError(ValueError):
+    """Arrays that must be finite (an adapter, its optimizer state, PEFT factors) hold NaN or inf."""
+
+
+class CheckpointDirectoryError(NotADirectoryError):
+    """The checkpoint directory's path is a file (or lies under one)."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint directory (``create=False``), or no committed step in it."""
+
+
+MAX_DIFF_LINES = 12  # CheckpointMismatchError: the first differences shown, the rest counted
+LRTT_ITEMS = ("adapter", "meta")  # the items every lrtt step has (``opt_state`` is optional)
 
 
 class Restored(NamedTuple):
@@ -135,27 +163,74 @@ def _rng_from_meta(meta: dict | None) -> Any:
     return data if meta["impl"] is None else jax.random.wrap_key_data(data, impl=meta["impl"])
 
 
-def _diff_lines(saved: dict, now: dict, label: str) -> list[str]:
+class _Diff(NamedTuple):
+    """One line of a :class:`CheckpointMismatchError`: its kind, its text, how many it stands for."""
+
+    kind: str
+    line: str
+    count: int = 1
+
+
+_PLURAL = {"method field": "method fields", "entry": "entries", "leaf": "leaves",
+           "optimizer state leaf": "optimizer state leaves"}
+
+
+def _diff_lines(saved: dict, now: dict) -> list[_Diff]:
+    """The method config fields that differ (kind ``"method field"``)."""
     lines = []
     for key in sorted(set(saved) | set(now), key=lambda k: (k != "method", k)):
         a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
         if a != b:
-            lines.append(f"{label}{key}: checkpoint {a!r}, now {b!r}")
+            lines.append(_Diff("method field", f"{key}: checkpoint {a!r}, now {b!r}"))
     return lines
 
 
-def _tree_diff(saved: dict, now: dict, what: str) -> list[str]:
+def _tree_diff(saved: dict, now: dict, what: str) -> list[_Diff]:
+    """Paths on one side only (one line per side, counting them all), then each differing path."""
     lines = []
     only_saved = sorted(set(saved) - set(now))
     only_now = sorted(set(now) - set(saved))
     if only_saved:
-        lines.append(f"{what} only in the checkpoint ({len(only_saved)}): {only_saved[:6]}")
+        lines.append(_Diff(what, f"{what} only in the checkpoint ({len(only_saved)}): {only_saved[:6]}", len(only_saved)))
     if only_now:
-        lines.append(f"{what} only in the current adapter ({len(only_now)}): {only_now[:6]}")
+        lines.append(_Diff(what, f"{what} only in the current adapter ({len(only_now)}): {only_now[:6]}", len(only_now)))
     for path in sorted(set(saved) & set(now)):
         if saved[path] != now[path]:
-            lines.append(f"{what} {path}: checkpoint {saved[path]}, now {now[path]}")
+            lines.append(_Diff(what, f"{what} {path}: checkpoint {saved[path]}, now {now[path]}"))
     return lines
+
+
+def _summary(diffs: list[_Diff], limit: int = MAX_DIFF_LINES) -> str:
+    """A count per kind, then the first ``limit`` lines and how many differences they leave out."""
+    counts: dict[str, int] = {}
+    for d in diffs:
+        counts[d.kind] = counts.get(d.kind, 0) + d.count
+    head = f"{sum(counts.values())} in all: " + ", ".join(
+        f"{n} {kind if n == 1 else _PLURAL.get(kind, kind)}" for kind, n in counts.items()
+    )
+    shown = [d.line for d in diffs[:limit]]
+    rest = sum(d.count for d in diffs[limit:])
+    if rest:
+        shown.append(f"… and {rest} more difference{'s' if rest > 1 else ''}")
+    return head + "\n  " + "\n  ".join(shown)
+
+
+@jax.jit
+def _finite(leaves: list) -> list:
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def non_finite(flat: dict[str, Any]) -> list[str]:
+    """The paths of the floating-point arrays of ``flat`` that hold a NaN or an inf, sorted.
+
+    Integer, boolean and PRNG-key leaves are skipped. Each array is reduced on its devices (one
+    jitted call, like :func:`fingerprints`); only one flag per array comes to the host.
+    """
+    names = sorted(p for p, x in flat.items() if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact))
+    if not names:
+        return []
+    flags = jax.device_get(_finite([flat[n] for n in names]))
+    return [n for n, ok in zip(names, flags) if not bool(ok)]
 
 
 def _abstract(flat_like: dict[str, Any], shardings: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -187,6 +262,58 @@ def _sharding_maps(shardings: Any, adapter_like: Any, opt_state_like: Any):
     )
 
 
+def _check_directory(directory: str, create: bool) -> None:
+    """Refuse a path that is a file (or lies under one), and a missing directory unless ``create``.
+
+    Raises:
+      CheckpointDirectoryError: ``directory`` or an ancestor is a file.
+      CheckpointNotFoundError: ``directory`` does not exist and ``create`` is False.
+    """
+    if os.path.isdir(directory):
+        return
+    if os.path.exists(directory):
+        raise CheckpointDirectoryError(
+            f"lrtt.CheckpointManager needs a directory, but {directory} is a file "
+            f"({os.path.getsize(directory)} bytes); it is left as it is. Pass the directory that "
+            f"holds (or will hold) the step directories, e.g. {os.path.dirname(directory)}/checkpoints."
+        )
+    if not create:
+        raise CheckpointNotFoundError(
+            f"there is no checkpoint directory at {directory} (create=False: nothing was created). "
+            "Pass the directory a run saved its checkpoints to (the CLI's <output.dir>/checkpoints), "
+            "or create=True to start a new one."
+        )
+    parent = os.path.dirname(directory)
+    while parent and not os.path.exists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise CheckpointDirectoryError(
+            f"cannot create the checkpoint directory {directory}: {parent} is a file, not a "
+            "directory (it is left as it is). Pass a path under a directory."
+        )
+
+
+def _items(step_dir: str) -> list[str]:
+    """The subdirectories (Orbax items) of one step directory."""
+    try:
+        return sorted(n for n in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, n)))
+    except OSError:
+        return []
+
+
+def _step_dirs_below(directory: str) -> str:
+    """A hint for a directory without steps: a step directory itself, or a parent of the one meant."""
+    items = _items(directory)
+    if set(LRTT_ITEMS) <= set(items):
+        parent, step = os.path.split(directory)
+        return (f" {directory} looks like one step directory (it holds {items}): pass its parent "
+                f"{parent} and restore(step={step}, ...)." if step.isdigit() else "")
+    nested = [n for n in items if any(s.isdigit() for s in _items(os.path.join(directory, n)))]
+    if nested:
+        return f" Its subdirector{'ies' if len(nested) > 1 else 'y'} {nested[:3]} hold numbered steps: pass one of them."
+    return ""
+
+
 class CheckpointManager:
     """Saves and restores the adapter, optimizer state, step and data position with Orbax.
 
@@ -196,6 +323,13 @@ class CheckpointManager:
       max_to_keep: number of most recent steps kept (older ones are deleted after a new save
         commits).
       async_save: save in a background thread (``wait()`` blocks until it is committed).
+      create: create ``directory`` if missing (default). With ``create=False`` (evaluating or
+        exporting a finished run) a missing directory raises :class:`CheckpointNotFoundError`
+        and nothing is created.
+
+    Raises:
+      CheckpointDirectoryError: ``directory`` is a file (or lies under one).
+      CheckpointNotFoundError: ``directory`` is missing and ``create`` is False.
 
     Example::
 
@@ -205,16 +339,27 @@ class CheckpointManager:
       r.step, r.data_position   # (100, {'index': 6400})
     """
 
-    def __init__(self, directory: str | os.PathLike, method: Any, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        method: Any,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        create: bool = True,
+    ):
         self.directory = os.path.abspath(os.fspath(directory))
         self.method = method
+        self.max_to_keep = max_to_keep
+        _check_directory(self.directory, create)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=create,
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._own_steps_checked = False
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -260,6 +405,12 @@ class CheckpointManager:
           data_position: JSON-able position in the data (e.g. ``{"epoch": 1, "index": 6400}``)
             so a resumed run sees the same data order.
           rng: the run's base key (``TrainState.rng``), restored as ``Restored.rng``.
+
+        Raises:
+          NonFiniteError: a floating-point array of ``adapter`` or ``opt_state`` holds NaN or
+            inf; nothing is written for ``step`` and the earlier steps are kept.
+          ForeignCheckpointError: the directory holds Orbax steps lrtt did not write.
+          ValueError: ``adapter`` holds no adapter entry (e.g. the params were passed).
         """
         step = int(step)
         if not any(is_entry(e) for e in entries(adapter).values()):
@@ -270,6 +421,8 @@ class CheckpointManager:
             )
         flat_adapter = _flat(adapter, "adapter")
         flat_opt = _flat(opt_state, "optimizer state") if opt_state is not None else {}
+        self._check_finite(step, flat_adapter, flat_opt)
+        self._check_own_steps()
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -290,6 +443,47 @@ class CheckpointManager:
             items["opt_state"] = ocp.args.StandardSave(nest(flat_opt))
         self._manager.save(step, args=ocp.args.Composite(**items))
 
+    def _check_finite(self, step: int, flat_adapter: dict, flat_opt: dict) -> None:
+        bad = [f"adapter {p}" for p in non_finite(flat_adapter)]
+        bad += [f"opt_state {p}" for p in non_finite(flat_opt)]
+        if not bad:
+            return
+        kept = self.all_steps()
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(
+            f"refusing to save checkpoint step {step} in {self.directory}: {len(bad)} array(s) hold "
+            f"NaN or inf: {bad[:5]}{more}. Nothing was written for step {step}, and the earlier "
+            f"checkpoints are kept ({f'steps {kept}' if kept else 'there are none'}). The run has "
+            "diverged: restore the last step and resume with a lower learning rate or gradient "
+            "clipping (optax.clip_by_global_norm)."
+        )
+
+    def _foreign_steps(self, steps) -> dict[int, list[str]]:
+        """``{step: its items}`` of the steps that lack lrtt's items (written by another program)."""
+        items = {s: _items(os.path.join(self.directory, str(s))) for s in steps}
+        return {s: i for s, i in items.items() if not set(LRTT_ITEMS) & set(i)}
+
+    def _foreign(self, steps: dict[int, list[str]], doing: str) -> ForeignCheckpointError:
+        shown = ", ".join(f"step {s} holds {items}" for s, items in list(steps.items())[:3])
+        return ForeignCheckpointError(
+            f"{doing}: {self.directory} holds Orbax checkpoints that lrtt.CheckpointManager did not "
+            f"write ({shown}; an lrtt step holds {list(LRTT_ITEMS)} and optionally ['opt_state']). "
+            "It is not an lrtt adapter checkpoint, and its files are left as they are. Point "
+            "lrtt.CheckpointManager at the directory an lrtt run saved to (the CLI's "
+            "<output.dir>/checkpoints) or at a new, empty directory; read this one with "
+            "orbax.checkpoint directly."
+        )
+
+    def _check_own_steps(self) -> None:
+        """Before the first save: refuse a directory with foreign steps (rotation would delete them)."""
+        if self._own_steps_checked:
+            return
+        foreign = self._foreign_steps(self._manager.all_steps())
+        if foreign:
+            doing = f"refusing to save here (keeping the last {self.max_to_keep} steps would delete them)"
+            raise self._foreign(foreign, doing)
+        self._own_steps_checked = True
+
     # -- restore -------------------------------------------------------------------------------
 
     def _corrupt(self, step: int, reason: str) -> CheckpointCorruptError:
@@ -306,38 +500,46 @@ class CheckpointManager:
         )
 
     def _meta(self, step: int) -> dict:
+        foreign = self._foreign_steps([step])
+        if foreign:
+            raise self._foreign(foreign, f"cannot restore step {step}")
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as err:  # noqa: BLE001 - any read failure of a committed step is damage
+        except Exception as err:  # noqa: BLE001 - any read failure of an lrtt step is damage
             raise self._corrupt(step, f"its metadata does not read back ({type(err).__name__}: {str(err)[:300]})") from err
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict):
             raise self._corrupt(step, "its metadata is not an lrtt adapter checkpoint's")
+        if meta.get("format") != FORMAT:  # JSON that reads back, of another program
+            raise self._foreign({step: _items(os.path.join(self.directory, str(step)))},
+                                f"cannot restore step {step} (its 'meta' has format {meta.get('format')!r}, "
+                                f"not {FORMAT!r})")
         return meta
 
     def check(self, step: int, adapter_like: Any, opt_state_like: Any = None) -> dict:
         """The step's metadata, after checking it matches ``self.method`` and ``adapter_like``.
 
         Raises:
-          CheckpointMismatchError: listing every difference.
+          CheckpointMismatchError: the first differences and a count per kind.
           CheckpointCorruptError: the metadata does not read back.
+          ForeignCheckpointError: the step was not written by lrtt.CheckpointManager.
         """
         meta = self._meta(step)
-        lines = _diff_lines(meta["method"], _jsonable(self.method.to_config()), "")
-        lines += _tree_diff(meta["entries"], _jsonable(_entry_info(adapter_like)), "entry")
-        lines += _tree_diff(meta["adapter_leaves"], _leaf_info(_flat(adapter_like, "adapter")), "leaf")
+        diffs = _diff_lines(meta["method"], _jsonable(self.method.to_config()))
+        diffs += _tree_diff(meta["entries"], _jsonable(_entry_info(adapter_like)), "entry")
+        diffs += _tree_diff(meta["adapter_leaves"], _leaf_info(_flat(adapter_like, "adapter")), "leaf")
         if opt_state_like is not None:
             if meta["opt_state_leaves"] is None:
-                lines.append("optimizer state: the checkpoint has none (it was saved with opt_state=None)")
+                none = "optimizer state: the checkpoint has none (it was saved with opt_state=None)"
+                diffs.append(_Diff("optimizer state", none))
             else:
                 now = _leaf_info(_flat(opt_state_like, "optimizer state"))
-                lines += _tree_diff(meta["opt_state_leaves"], now, "optimizer state leaf")
-        if lines:
-            shown = "\n  ".join(lines)
+                diffs += _tree_diff(meta["opt_state_leaves"], now, "optimizer state leaf")
+        if diffs:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} was written for another adapter; "
-                f"differences (checkpoint vs now):\n  {shown}\nRestore with the method, params and "
-                "optimizer the checkpoint was written with (its config is in the step's meta/metadata), "
-                "or start a new checkpoint directory."
+                f"differences (checkpoint vs now), {_summary(diffs)}\nRestore with the method, params "
+                "and optimizer the checkpoint was written with (its config is in the step's "
+                "meta/metadata), or start a new checkpoint directory."
             )
         return meta
 
@@ -393,14 +595,17 @@ class CheckpointManager:
           :class:`Restored` ``(adapter, opt_state, step, data_position, rng)``.
 
         Raises:
-          CheckpointMismatchError, CheckpointCorruptError, FileNotFoundError (no step).
+          CheckpointMismatchError, CheckpointCorruptError, ForeignCheckpointError (steps another
+          program wrote), CheckpointNotFoundError (a FileNotFoundError: no such step).
         """
         steps = self.all_steps()
         if not steps:
-            raise FileNotFoundError(f"no committed checkpoint in {self.directory}.")
+            raise CheckpointNotFoundError(f"no committed checkpoint in {self.directory}.{_step_dirs_below(self.directory)}")
         if step is not None:
             if int(step) not in steps:
-                raise FileNotFoundError(f"no committed checkpoint step {step} in {self.directory}; committed steps: {steps}.")
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint step {step} in {self.directory}; committed steps: {steps}."
+                )
             return self._restore_step(int(step), adapter_like, opt_state_like, shardings)
         candidates = list(reversed(steps)) if fallback else [steps[-1]]
         for i, candidate in enumerate(candidates):

@@ -29,7 +29,12 @@ from lrtt._extras import needs_extra
 from lrtt._paths import exact_patterns, named_leaves, nest
 from lrtt._targets import Target, first_match, select
 from lrtt.io import _hf_names as names
+from lrtt.io._checkpoint import NonFiniteError
 from lrtt.methods._lora import LoRA
+
+class PeftFileError(ValueError):
+    """A file of a PEFT adapter directory does not read: truncated safetensors, invalid JSON."""
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -115,6 +120,7 @@ def save_peft(
       The ``adapter_config.json`` dict written.
 
     Raises:
+      NonFiniteError: a factor or trained tensor holds NaN or inf (nothing is written).
       ValueError: LorettaAdp (no PEFT equivalent), an empty adapter, stacked (``nn.scan``)
         factors, LoRA on a leaf that is not a kernel, a ``trainable`` leaf inside a LoRA target,
         or an unknown ``family`` / ``task_type``.
@@ -144,6 +150,13 @@ def save_peft(
     candidates = {names.torch_module(m) for m, ls in modules.items() if {"kernel", "embedding"} & set(ls)}
     config = _adapter_config(method, ranks, alphas, candidates, modules_to_save, tie, family, task_type)
     config["base_model_name_or_path"] = base_model_name_or_path  # the Hub id PEFT loads the base from
+    bad = sorted(k for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)))
+    if bad:
+        raise NonFiniteError(
+            f"refusing to write {directory}: {len(bad)} tensor(s) of the adapter hold NaN or inf: {bad[:5]}. "
+            "Nothing was written. The training run diverged: save an earlier checkpoint's adapter, or "
+            "retrain with a lower learning rate."
+        )
     _write(directory, config, tensors)
     return config
 
@@ -374,6 +387,9 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
       ``(method, adapter)``; ``lrtt.merge(method, params, adapter)`` gives the adapted params.
 
     Raises:
+      PeftFileError: ``adapter_config.json`` is not valid JSON (line and column named), or
+        ``adapter_model.safetensors`` does not parse (truncated or damaged).
+      NonFiniteError: a tensor of the file holds NaN or inf.
       ValueError: a PEFT type other than plain LoRA (DoRA, LoHa, LoKr, IA3, …) or a LoRA variant;
         ``r``, ``lora_alpha`` or ``target_modules`` missing from the config; no tensors; keys
         without ``base_model.model.``; ``target_modules`` matching no module of the params;
@@ -494,12 +510,39 @@ def _lora_factors(config: dict, lora: dict, flax_modules: dict, alignment, param
     return flat, ranks, alphas
 
 
+def _load_json(path: str) -> dict:
+    """The JSON object in ``path``.
+
+    Raises:
+      PeftFileError: the file is not UTF-8 JSON (naming the line and column), or not an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise PeftFileError(
+            f"{path!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. An "
+            "interrupted save or a hand edit? Fix that line, or save the adapter again "
+            "(PeftModel.save_pretrained / lrtt.save_peft)."
+        ) from None
+    except UnicodeDecodeError as err:
+        raise PeftFileError(
+            f"{path!r} is not UTF-8 text (byte {err.start}: {err.reason}), so not a PEFT adapter "
+            "config. Save the adapter again (PeftModel.save_pretrained / lrtt.save_peft)."
+        ) from None
+    if not isinstance(config, dict):
+        raise PeftFileError(
+            f"{path!r} holds a JSON {type(config).__name__}, not an object of LoraConfig fields: it "
+            "is not a PEFT adapter config. Save the adapter again."
+        )
+    return config
+
+
 def _read_config(directory) -> dict:
     path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise ValueError(f"{path!r} does not exist: `directory` must be a PEFT adapter directory.")
-    with open(path) as f:
-        config = json.load(f)
+    config = _load_json(path)
     if "peft_type" not in config:
         raise ValueError(f"{path!r} has no `peft_type`: it is not a PEFT adapter config.")
     kind = str(config["peft_type"]).upper()
@@ -544,19 +587,50 @@ def _read_config(directory) -> dict:
     return config
 
 
-def _read_tensors(directory) -> dict[str, np.ndarray]:
+def _load_safetensors(file: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file.
+
+    Raises:
+      PeftFileError: the file does not parse (truncated, damaged or not safetensors).
+    """
     with needs_extra():
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
+    try:
+        return load_file(file)
+    except SafetensorError as err:
+        raise PeftFileError(
+            f"{file!r} ({os.path.getsize(file)} bytes) does not read as a safetensors file: {err}. "
+            "It is truncated or damaged (an interrupted download or save?); download or save the "
+            "adapter again."
+        ) from None
+
+
+def _check_finite(tensors: dict[str, np.ndarray], file: str) -> None:
+    """Refuse floating-point tensors holding NaN or inf (a diverged run's adapter)."""
+    bad = sorted(k for k, v in tensors.items() if jnp.issubdtype(v.dtype, jnp.inexact) and not np.isfinite(v).all())
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(
+            f"{len(bad)} tensor(s) in {file!r} hold NaN or inf: {bad[:5]}{more}. Loading them would "
+            "make every output of the adapted layers NaN. The adapter comes from a run that diverged "
+            "(or a damaged file): use an earlier checkpoint of that run, or retrain with a lower "
+            "learning rate."
+        )
+
+
+def _read_tensors(directory) -> dict[str, np.ndarray]:
     file = os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):
         raise ValueError(f"{file!r} does not exist (lrtt reads safetensors adapters, not adapter_model.bin).")
-    tensors = load_file(file)
+    tensors = _load_safetensors(file)
     if not tensors:
         raise ValueError(EMPTY_ADAPTER.format(file=file))
     bad = sorted(k for k in tensors if not k.startswith(KEY_PREFIX))
     if bad:
         raise ValueError(NO_PREFIX.format(file=file, keys=bad[:5]))
+    _check_finite(tensors, file)
     return {k[len(KEY_PREFIX) :]: v for k, v in tensors.items()}
 
 

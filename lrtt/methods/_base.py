@@ -7,7 +7,9 @@ It holds no arrays and is hashable, so it can be a static argument of ``jax.jit`
   like the params they adapt. ``params`` may be concrete arrays or ``jax.ShapeDtypeStruct``
   leaves under ``jax.eval_shape`` (parameter counting from shapes only).
 * ``plan(params) -> tuple[Target, ...]``: the leaves it adapts (errors for a bad selection are
-  raised here, at trace time, never on traced values).
+  raised here, at trace time, never on traced values: a ``targets`` regex of a list or a
+  ``trainable`` pattern that matches nothing, a rank too large, ...). ``lrtt.wrap`` and
+  ``lrtt.merge`` call it to check that the adapter has an entry for every leaf it selects.
 * ``to_config() -> dict``: a JSON-able description (checkpoints compare it on restore), and
   ``Method.from_config(config)``, its inverse.
 * ``mergeable``: whether ``W0 + ΔW`` is exact (LoRA, LorettaRep) or not (LorettaAdp).
@@ -17,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+import inspect
+from typing import Any, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from lrtt._adapter import Trainable
 from lrtt._paths import named_leaves
-from lrtt._targets import freeze_targets, matches
+from lrtt._targets import dead_pattern_message, dead_patterns, freeze_targets, matches
 from lrtt.tt import _core as _tt
 
 
@@ -95,8 +98,8 @@ class Method:
             )
         if not issubclass(method_cls, cls):
             raise ValueError(f"{cls.__name__}.from_config got the config of a {name}; use Method.from_config.")
-        fields = {f.name: f for f in dataclasses.fields(method_cls)}
-        unknown = sorted(set(config) - set(fields))
+        fields = set(inspect.signature(method_cls).parameters)  # the fields and init-only aliases
+        unknown = sorted(set(config) - fields)
         if unknown:
             raise ValueError(f"{name} has no fields {unknown}; its fields are {sorted(fields)}.")
 
@@ -138,15 +141,53 @@ def check_choice(value: Any, name: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
-def check_rank(rank: int, target, name: str = "rank") -> None:
-    """A low-rank bottleneck must satisfy ``1 <= rank <= min(in, out)``."""
+def check_rank(rank: int, target, name: str = "rank", *, override: str | None = "rank_pattern") -> None:
+    """A low-rank bottleneck must satisfy ``1 <= rank <= min(in, out)``.
+
+    ``override``: the method's per-leaf rank field the message suggests (LoRA's
+    ``rank_pattern``), or None for a method with one rank for every target (LorettaRep), whose
+    message suggests leaving the leaf out of ``targets`` instead.
+    """
     limit = min(target.n_in, target.n_out)
     if rank > limit:
+        if override is not None:
+            fix = f"or an override for this leaf (e.g. {override}={{{target.path!r}: {limit}}})"
+        else:
+            fix = (
+                f"or leave {target.path!r} out of `targets` (this method has one rank for every "
+                "target; lrtt.LoRA takes per-leaf ranks with rank_pattern)"
+            )
         raise ValueError(
             f"`{name}`={rank} is larger than min(in, out)={limit} of {target.path!r} "
             f"(matrix ({target.n_in}, {target.n_out})): a rank above that cannot be reached by "
-            f"any product A·B. Use {name} <= {limit}, or an override for this leaf "
-            f"(e.g. rank_pattern={{{target.path!r}: {limit}}})."
+            f"any product A·B. Use {name} <= {limit}, {fix}."
+        )
+
+
+def check_trainable(
+    params: Any, patterns: Sequence[str], adapted: Collection[str] = (), *, name: str = "trainable"
+) -> None:
+    """Every pattern of ``trainable`` must select a leaf to train in full besides ``adapted``.
+
+    Raises:
+      ValueError: a pattern matches no leaf of ``params``, or only leaves that already take an
+        adapter (``adapted``), so nothing would train in full for it.
+    """
+    if not patterns:
+        return
+    paths = [p for p, _ in named_leaves(params)]
+    dead = dead_patterns(paths, patterns)
+    if dead:
+        raise ValueError(dead_pattern_message(name, dead, paths, "no leaf would train in full for it"))
+    adapted = set(adapted)
+    covered = dead_patterns([p for p in paths if p not in adapted], patterns)
+    if covered:
+        inside = [p for p in paths if p in adapted and matches(p, covered)]
+        shown = repr(covered[0]) if len(covered) == 1 else str(covered)
+        raise ValueError(
+            f"`{name}` pattern{'s' if len(covered) > 1 else ''} {shown} matched only leaves that "
+            f"already take an adapter ({inside[:5]}), so no leaf trains in full for it: a leaf gets "
+            f"either an adapter or full training. Narrow `targets`, or drop the pattern from `{name}`."
         )
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lrtt._paths import nest
-from lrtt.methods._base import Method, freeze_patterns, trainable_copies
+from lrtt.methods._base import Method, check_trainable, freeze_patterns, trainable_copies
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,9 +35,12 @@ class FullFineTune(Method):
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
 
     def plan(self, params: Any) -> tuple:
+        """No leaf takes an adapter; checks that every ``trainable`` pattern selects a leaf."""
+        check_trainable(params, self.trainable)
         return ()
 
     def init(self, key: jax.Array, params: Any) -> dict:
         del key
+        self.plan(params)
         return nest(trainable_copies(params, self.trainable, exclude=set()))
 

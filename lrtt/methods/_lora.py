@@ -18,6 +18,7 @@ from lrtt.methods._base import (
     check_probability,
     check_rank,
     check_scale_numerator,
+    check_trainable,
     freeze_patterns,
     split_keys,
     trainable_copies,
@@ -103,6 +104,7 @@ class LoRA(Method):
         targets = tuple(select(params, self.targets, layouts=self.layouts))
         for target in targets:
             check_rank(self.rank_for(target.path), target)
+        check_trainable(params, self.trainable, {t.path for t in targets})
         return targets
 
     def init(self, key: jax.Array, params: Any) -> dict:

@@ -12,7 +12,15 @@ from lrtt import _families
 from lrtt._adapter import ACTIVATIONS, BottleneckAdapter, TTKernel
 from lrtt._paths import nest
 from lrtt._targets import Target, as_pairs, select
-from lrtt.methods._base import Method, check_choice, check_positive_int, freeze_patterns, split_keys, trainable_copies
+from lrtt.methods._base import (
+    Method,
+    check_choice,
+    check_positive_int,
+    check_trainable,
+    freeze_patterns,
+    split_keys,
+    trainable_copies,
+)
 from lrtt.tt import _core as _tt
 
 ADP_INITS = ("identity", "gaussian")
@@ -29,10 +37,18 @@ HEAD_PATTERNS = (
 )
 
 
-def _preset(value: Any, position: str) -> tuple[str, ...]:
+def _preset(value: Any, position: str, name: str | None = None) -> tuple[str, ...]:
     if isinstance(value, str) and value in ADP_PRESETS[position]:
         return ADP_PRESETS[position][value]
-    return freeze_patterns(value, position)
+    return freeze_patterns(value, name or position)
+
+
+class _Default(str):
+    """The default of ``after``: ``"loretta"``, told apart from an ``after="loretta"`` passed
+    explicitly (which, given with ``targets``, is two placements for one field)."""
+
+
+_AFTER_DEFAULT = _Default("loretta")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +71,12 @@ class LorettaAdp(Method):
       activation: one of ``relu`` (reference), ``gelu``, ``silu``, ``tanh``, ``identity``.
       tt_shape: ``"loretta"`` (reference tables, default), ``None`` (automatic) or dims.
       after, before: ``"loretta"`` (the reference placement), a regex or list, or ``None``.
+        Each pattern given as a regex or list must match a leaf (the reference placement
+        resolves per family and may match nothing on one side, e.g. ``before`` on BERT).
+      targets: the same as ``after``: the linear layers an adapter follows (the name LoRA and
+        LorettaRep use for what they adapt). Give ``targets`` or ``after``, not both (an error
+        unless they agree); it is stored as ``after`` (``to_config`` holds ``after`` only), and
+        ``method.targets`` reads it back.
       train_norms: train every layer norm's scale/bias in full (the paper counts them).
       tensorized_classifier: replace the pooler/classifier dense kernel by a fresh trainable TT
         matrix (reference shapes), for classification models.
@@ -69,7 +91,7 @@ class LorettaAdp(Method):
     scale: float = 1.0
     activation: str = "relu"
     tt_shape: Any = "loretta"
-    after: str | Sequence[str] | None = "loretta"
+    after: str | Sequence[str] | None = _AFTER_DEFAULT
     before: str | Sequence[str] | None = "loretta"
     train_norms: bool = True
     tensorized_classifier: bool = False
@@ -78,31 +100,59 @@ class LorettaAdp(Method):
     layouts: Mapping[str, str] | Sequence[tuple[str, str]] = ()
     trainable: str | Sequence[str] | None = None
     param_dtype: Any = jnp.float32
+    targets: dataclasses.InitVar[str | Sequence[str] | None] = None
 
     mergeable = False
     LABEL_FIELDS = ("bottleneck", "tt_rank")
 
-    def __post_init__(self):
+    def __post_init__(self, targets):
         object.__setattr__(self, "bottleneck", check_positive_int(self.bottleneck, "bottleneck"))
         object.__setattr__(self, "tt_rank", check_positive_int(self.tt_rank, "tt_rank"))
         check_choice(self.activation, "activation", tuple(ACTIVATIONS))
         check_choice(self.initializer, "initializer", ADP_INITS)
-        object.__setattr__(self, "after", _preset(self.after, "after"))
+        object.__setattr__(self, "after", self._after(targets))
+        object.__setattr__(self, "targets", self.after)  # an alias, not a field: eq/hash/config use `after`
         object.__setattr__(self, "before", _preset(self.before, "before"))
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
         object.__setattr__(self, "layouts", as_pairs(self.layouts))
         if not isinstance(self.tt_shape, (str, type(None))):
             object.__setattr__(self, "tt_shape", tuple(self.tt_shape))
 
+    def _after(self, targets: Any) -> tuple[str, ...]:
+        """``after`` from the ``after`` and ``targets`` arguments (one of them at most).
+
+        Raises:
+          ValueError: both are given, with different placements.
+        """
+        if targets is None:
+            return _preset(self.after, "after")
+        placement = _preset(targets, "after", "targets")
+        if self.after is not _AFTER_DEFAULT and _preset(self.after, "after") != placement:
+            raise ValueError(
+                f"LorettaAdp got both `targets`={targets!r} and `after`={self.after!r}. For LorettaAdp "
+                "`targets` is the after-linear placement, the same as `after`: pass one of them (and "
+                "`before=` for adapters before the linear layers)."
+            )
+        return placement
+
+    def _placement(self, params: Any, position: str) -> list[Target]:
+        """The targets of one side. A placement the user gave must match, pattern by pattern; the
+        reference placement (``"loretta"``, every family's regexes) may find nothing on a side."""
+        patterns = getattr(self, position)
+        user_given = bool(patterns) and patterns != ADP_PRESETS[position]["loretta"]
+        return select(params, patterns, layouts=self.layouts, name=position, require=user_given)
+
     def plan(self, params: Any) -> tuple[Target, ...]:
-        after = select(params, self.after, layouts=self.layouts, name="after", require=False)
-        before = select(params, self.before, layouts=self.layouts, name="before", require=False)
+        after = self._placement(params, "after")
+        before = self._placement(params, "before")
         both = {t.path for t in after} & {t.path for t in before}
         if both:
             raise ValueError(f"`after` and `before` both match {sorted(both)[:3]}; a leaf takes one adapter.")
         if not after and not before:
             select(params, self.after + self.before, name="after/before")  # raises the no-match error
-        return tuple(after) + tuple(before)
+        targets = tuple(after) + tuple(before)
+        check_trainable(params, self.trainable, {t.path for t in targets})
+        return targets
 
     def _bottleneck(self, key, target: Target, position: str) -> BottleneckAdapter:
         n = target.n_out if position == "after" else target.n_in

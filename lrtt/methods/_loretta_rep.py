@@ -18,6 +18,7 @@ from lrtt.methods._base import (
     check_probability,
     check_rank,
     check_scale_numerator,
+    check_trainable,
     freeze_patterns,
     split_keys,
     trainable_copies,
@@ -112,8 +113,9 @@ class LorettaRep(Method):
     def plan(self, params: Any) -> tuple[Target, ...]:
         targets = tuple(select(params, self.targets, layouts=self.layouts))
         for target in targets:
-            check_rank(self.rank, target)
+            check_rank(self.rank, target, override=None)  # one rank for all: no rank_pattern
             self.tt_dims(target)  # validates the shapes now, not on a traced value
+        check_trainable(params, self.trainable, {t.path for t in targets})
         return targets
 
     def init(self, key: jax.Array, params: Any) -> dict:

@@ -2,6 +2,7 @@
 and the sharding rules of a Mesh. See :mod:`lrtt.train._steps` and :mod:`lrtt.train._sharding`."""
 
 from lrtt._count import adapter_shapes as adapter_shapes
+from lrtt.train._guard import DivergenceError as DivergenceError, nonfinite_counts as nonfinite_counts, skip_nonfinite as skip_nonfinite
 from lrtt.train._sharding import (
     PARAM_RULE_PRESETS as PARAM_RULE_PRESETS,
     adapter_specs as adapter_specs,
@@ -24,6 +25,7 @@ from lrtt.train._steps import (
 )
 
 __all__ = [
+    "DivergenceError",
     "FORWARDS",
     "MeshStep",
     "PARAM_RULE_PRESETS",
@@ -35,10 +37,12 @@ __all__ = [
     "jit_step",
     "make_loss",
     "mesh_step",
+    "nonfinite_counts",
     "param_specs",
     "pmap_step",
     "replicate",
     "replicate_params",
+    "skip_nonfinite",
     "split_batch",
     "unreplicate",
 ]

@@ -20,6 +20,7 @@ the micro-batch gradients (equal to the full-batch gradient of a mean loss).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -31,6 +32,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from lrtt._count import adapter_shapes
 from lrtt._factored._adapted import wrap
 from lrtt._factored._interpreter import factored
+from lrtt.train._guard import skip_nonfinite as guard_nonfinite
 from lrtt.train._sharding import adapter_specs, param_specs
 
 FORWARDS = ("factored", "merged")
@@ -67,6 +69,7 @@ def adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     clip_norm: float | None = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformation:
     """AdamW with a linear warmup then cosine decay to 0 at ``total`` (constant if ``total`` is None).
 
@@ -81,7 +84,18 @@ def adamw(
         never in the optimizer).
       b1, b2, eps: Adam's moments.
       clip_norm: clip the global gradient norm first, if given.
+      skip_nonfinite: never apply an update that holds a NaN or an infinity; the step is
+        skipped and counted (:func:`lrtt.train.skip_nonfinite`, :func:`lrtt.train.nonfinite_counts`).
+
+    Raises:
+      ValueError: a learning rate that is not a finite number > 0, or ``total <= warmup``.
     """
+    try:
+        peak = float(learning_rate)
+    except (TypeError, ValueError):
+        peak = math.nan
+    if not (math.isfinite(peak) and peak > 0):
+        raise ValueError(f"`learning_rate` must be a finite number > 0, got {learning_rate!r}.")
     if total is not None:
         if total <= warmup:
             raise ValueError(f"`total`={total} must exceed `warmup`={warmup} (both count steps).")
@@ -93,7 +107,8 @@ def adamw(
     else:
         schedule = learning_rate
     tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
+    return guard_nonfinite(tx) if skip_nonfinite else tx
 
 
 # --- the loss -------------------------------------------------------------------------------
