@@ -365,3 +365,18 @@ def test_an_export_that_does_not_read_back_is_an_error_and_the_previous_export_i
     assert sorted(os.listdir(tmp_path)) == ["merged"]  # no staging left behind
     with pytest.raises(lrtt.ExportError, match="it is a directory"):
         lrtt.export_merged(method, params, adapter, path, format="safetensors")
+
+
+def test_a_manager_that_only_reads_creates_no_directory(tmp_path):
+    params = {"d": {"kernel": jnp.ones((4, 4))}}
+    method = lrtt.LoRA(rank=2, targets="d/kernel")
+    adapter = method.init(jax.random.key(0), params)
+    missing = tmp_path / "typo" / "checkpoints"
+    mgr = lrtt.CheckpointManager(missing, method)
+    assert mgr.all_steps() == []
+    with pytest.raises(lrtt.CheckpointNotFoundError, match="no committed checkpoint"):
+        mgr.restore(adapter_like=adapter)
+    assert not (tmp_path / "typo").exists()
+    mgr.save(1, adapter, optax.sgd(0.1).init(adapter))  # the first save creates it
+    mgr.wait()
+    assert mgr.all_steps() == [1]

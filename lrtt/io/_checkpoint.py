@@ -323,9 +323,9 @@ class CheckpointManager:
       max_to_keep: number of most recent steps kept (older ones are deleted after a new save
         commits).
       async_save: save in a background thread (``wait()`` blocks until it is committed).
-      create: create ``directory`` if missing (default). With ``create=False`` (evaluating or
-        exporting a finished run) a missing directory raises :class:`CheckpointNotFoundError`
-        and nothing is created.
+      create: allow a missing ``directory`` (default); it is created by the first ``save``, so a
+        manager that only reads or restores never creates it. With ``create=False`` (evaluating
+        or exporting a finished run) a missing directory raises :class:`CheckpointNotFoundError`.
 
     Raises:
       CheckpointDirectoryError: ``directory`` is a file (or lies under one).
@@ -351,11 +351,12 @@ class CheckpointManager:
         self.directory = os.path.abspath(os.fspath(directory))
         self.method = method
         self.max_to_keep = max_to_keep
+        self._create = create
         _check_directory(self.directory, create)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=create,
+            create=False,  # created by the first save: reading a missing directory creates nothing
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -441,6 +442,7 @@ class CheckpointManager:
         items = {"adapter": ocp.args.StandardSave(nest(flat_adapter)), "meta": ocp.args.JsonSave(meta)}
         if flat_opt:
             items["opt_state"] = ocp.args.StandardSave(nest(flat_opt))
+        os.makedirs(self.directory, exist_ok=True)
         self._manager.save(step, args=ocp.args.Composite(**items))
 
     def _check_finite(self, step: int, flat_adapter: dict, flat_opt: dict) -> None:
