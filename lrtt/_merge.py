@@ -64,6 +64,11 @@ def low_rank_delta(entry: "LoraFactors | TTFactors", target: Target) -> jax.Arra
     return target.layout.from_matrix(_scaled_product(a, b, entry.scale), target.shape)
 
 
+def _as(x: jax.Array, dtype) -> jax.Array:
+    """``x`` in ``dtype``; no conversion is traced when it already is."""
+    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
 def _scaled_product(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """``scale · A @ B`` over the stack axes, in the promoted dtype of the factors.
 
@@ -71,7 +76,7 @@ def _scaled_product(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     own, which on LLaMA-2-70B's 560 targets costs more than the whole rest of ``merge``.
     """
     dtype = jnp.promote_types(a.dtype, b.dtype)
-    a, b = lax.convert_element_type(a, dtype), lax.convert_element_type(b, dtype)
+    a, b = _as(a, dtype), _as(b, dtype)
     stack = tuple(range(a.ndim - 2))
     dw = lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (stack, stack)), precision=lax.Precision.HIGHEST)
     return lax.mul(dw, np.asarray(scale, dtype))
@@ -108,9 +113,9 @@ def _apply(method: Any, params: Any, adapter: Any, sign: float) -> Any:
         if w0 is None:
             raise ValueError(f"the adapter names {path!r}, which is not a leaf of the params.")
         if path in deltas:
-            w, dw = (lax.convert_element_type(x, jnp.float32) for x in (w0, deltas[path]))
+            w, dw = (_as(x, jnp.float32) for x in (w0, deltas[path]))
             summed = lax.add(w, dw) if sign > 0 else lax.sub(w, dw)
-            replacements[path] = lax.convert_element_type(summed, w0.dtype)
+            replacements[path] = _as(summed, w0.dtype)
         elif isinstance(entry, Trainable):
             replacements[path] = entry.value.astype(w0.dtype) if sign > 0 else w0
         elif isinstance(entry, TTKernel):

@@ -8,6 +8,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from lrtt._adapter import LoraFactors
 from lrtt._paths import nest
@@ -115,7 +117,7 @@ class LoRA(Method):
             rank = self.rank_for(target.path)
             bound = 1.0 / math.sqrt(target.n_in)  # kaiming_uniform(a=√5) with fan_in = in
             a = jax.random.uniform(k, (*target.stack, target.n_in, rank), self.param_dtype, -bound, bound)
-            b = jnp.zeros((*target.stack, rank, target.n_out), self.param_dtype)
+            b = lax.broadcast(np.zeros((), self.param_dtype), (*target.stack, rank, target.n_out))  # one primitive
             flat[target.path] = LoraFactors(a, b, scale=self.scale_for(target.path))
         flat.update(trainable_copies(params, self.trainable, exclude=set(flat)))
         return nest(flat)
