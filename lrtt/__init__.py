@@ -32,6 +32,7 @@ from lrtt._factored import (
     wrap as wrap,
 )
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
+from lrtt._quant import dequantize as dequantize, quantize as quantize
 from lrtt._targets import TARGET_PRESETS as TARGET_PRESETS, Layout as Layout, select as select
 from lrtt.io import (
     CheckpointCorruptError as CheckpointCorruptError,
@@ -88,6 +89,7 @@ __all__ = [
     "Trainable",
     "adapter_shapes",
     "delta",
+    "dequantize",
     "discover",
     "entries",
     "export_merged",
@@ -101,6 +103,7 @@ __all__ = [
     "optim",
     "parameter_table",
     "print_trainable_parameters",
+    "quantize",
     "save_peft",
     "select",
     "train",

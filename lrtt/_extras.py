@@ -22,6 +22,7 @@ EXTRA_OF = {
     "peft": "interop",
     "yaml": "cli",
     "tqdm": "cli",
+    "qwix": "quant",
 }
 
 

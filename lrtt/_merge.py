@@ -10,7 +10,8 @@ import numpy as np
 from jax import lax
 
 from lrtt._adapter import BottleneckAdapter, LoraFactors, Trainable, TTFactors, TTKernel, entries
-from lrtt._paths import exact_patterns, named_leaves, replace_leaves
+from lrtt._paths import exact_patterns, is_quantized, named_leaves, replace_leaves
+from lrtt._quant import dequantize_leaf
 from lrtt._targets import Layout, Target, select
 
 NOT_MERGEABLE = (
@@ -103,7 +104,7 @@ def _require_mergeable(method: Any) -> None:
         raise ValueError(NOT_MERGEABLE.format(method=type(method).__name__))
 
 
-def _apply(method: Any, params: Any, adapter: Any, sign: float) -> Any:
+def _apply(method: Any, params: Any, adapter: Any, sign: float, dtype: Any = None) -> Any:
     _require_mergeable(method)
     base = dict(named_leaves(params))
     deltas = delta(method, params, adapter)
@@ -112,30 +113,40 @@ def _apply(method: Any, params: Any, adapter: Any, sign: float) -> Any:
         w0 = base.get(path)
         if w0 is None:
             raise ValueError(f"the adapter names {path!r}, which is not a leaf of the params.")
+        out_dtype = (dtype or w0.dtype) if is_quantized(w0) else w0.dtype
         if path in deltas:
+            w0 = dequantize_leaf(w0) if is_quantized(w0) else w0
             w, dw = (_as(x, jnp.float32) for x in (w0, deltas[path]))
             summed = lax.add(w, dw) if sign > 0 else lax.sub(w, dw)
-            replacements[path] = _as(summed, w0.dtype)
+            replacements[path] = _as(summed, out_dtype)
         elif isinstance(entry, Trainable):
-            replacements[path] = entry.value.astype(w0.dtype) if sign > 0 else w0
+            replacements[path] = entry.value.astype(out_dtype) if sign > 0 else w0
         elif isinstance(entry, TTKernel):
-            replacements[path] = Layout.parse("in out").from_matrix(entry.matrix(), w0.shape).astype(w0.dtype)
+            replacements[path] = Layout.parse("in out").from_matrix(entry.matrix(), w0.shape).astype(out_dtype)
         elif isinstance(entry, BottleneckAdapter):  # unreachable for mergeable methods
             raise ValueError(NOT_MERGEABLE.format(method=type(method).__name__))
+    for path, leaf in base.items():  # a quantized leaf that is not adapted: its float value
+        if path not in replacements and is_quantized(leaf):
+            replacements[path] = dequantize_leaf(leaf, dtype)
     return replace_leaves(params, replacements)
 
 
-def merge(method: Any, params: Any, adapter: Any) -> Any:
+def merge(method: Any, params: Any, adapter: Any, *, dtype: Any = None) -> Any:
     """The params with every adapted kernel replaced by ``W0 + ΔW`` (dtype of the base kept).
 
     Leaves trained in full (``Trainable``) replace their base leaf. The tree structure, shapes
     and dtypes of ``params`` are preserved, so the result loads where the base loads.
 
+    A quantized base (``qwix.QArray`` leaves, :func:`lrtt.quantize`) is dequantized: each
+    adapted kernel becomes ``dequantize(W0) + ΔW`` (summed in float32) and every other
+    quantized leaf its float value, in ``dtype`` (default: the dtype of its scales), so the
+    result is a float tree that loads anywhere; float leaves keep their dtype.
+
     Raises:
       ValueError: for LorettaAdp (non-linear, see ``NOT_MERGEABLE``) or an adapter made for
         other params (leaves they lack, other shapes, or selected leaves it has no entry for).
     """
-    return _apply(method, params, adapter, +1.0)
+    return _apply(method, params, adapter, +1.0, dtype)
 
 
 def unmerge(method: Any, merged: Any, adapter: Any) -> Any:

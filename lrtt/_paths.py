@@ -9,6 +9,7 @@ equivalent NNX state name their leaves alike).
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -41,9 +42,36 @@ def path_str(keypath: tuple) -> str:
     return "/".join(names)
 
 
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a quantized array: a ``qwix.QArray`` (``qvalue``, ``scale``, ...), or
+    the ``WithAux`` wrapper around one that ``qwix.quantize_params`` puts in a param tree.
+
+    lrtt names a quantized kernel by its own path (``…/kernel``, not ``…/kernel/qvalue``), with
+    the shape of the array it stands for. No qwix import: a QArray exists only if qwix is loaded.
+    """
+    qwix = sys.modules.get("qwix")
+    if qwix is None:
+        return False
+    if isinstance(x, qwix.QArray):
+        return True
+    ptq = sys.modules.get("qwix._src.providers.ptq")
+    return ptq is not None and isinstance(x, ptq.WithAux) and isinstance(x.array, qwix.QArray)
+
+
+def quantized_array(x: Any) -> Any:
+    """The ``qwix.QArray`` of a quantized leaf (unwrapping ``qwix.quantize_params``' ``WithAux``)."""
+    return x if type(x).__name__ == "QArray" else x.array
+
+
+def _with_quantized(is_leaf: Callable[[Any], bool] | None) -> Callable[[Any], bool]:
+    if is_leaf is None:
+        return is_quantized
+    return lambda x: is_quantized(x) or is_leaf(x)
+
+
 def named_leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` in the tree's flattening order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    """``[(path, leaf), ...]`` in the tree's flattening order; a quantized array is one leaf."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_with_quantized(is_leaf))
     return [(path_str(kp), leaf) for kp, leaf in flat]
 
 
@@ -53,7 +81,7 @@ def replace_leaves(tree: PyTree, replacements: dict[str, Any]) -> PyTree:
     Raises:
       KeyError: a name in ``replacements`` is not a leaf of ``tree``.
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
     names = [path_str(kp) for kp, _ in flat]
     missing = set(replacements) - set(names)
     if missing:

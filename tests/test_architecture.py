@@ -48,6 +48,7 @@ LAYERS = (
     {"_paths", "_jaxpr", "_extras", "_families", "tt"},
     {"_discover", "_adapter"},
     {"_targets"},
+    {"_quant"},
     {"_merge", "methods"},
     {"_factored", "_count", "optim"},
     {"io", "train"},

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from lrtt._adapter import BottleneckAdapter, LoraFactors, Trainable, TTFactors, TTKernel, entries
 from lrtt._merge import _leaf_targets, check_covers
-from lrtt._paths import named_leaves, replace_leaves
+from lrtt._paths import is_quantized, named_leaves, quantized_array, replace_leaves
+from lrtt._quant import dequantize_leaf
 from lrtt._targets import Layout, Target
 
 
@@ -97,6 +98,19 @@ class LowRankLeaf(AdaptedLeaf):
         if self.key is not None:
             out["key"] = (self.key, (None, 0, 0))
         return out
+
+
+@_register(("w0",), ("path",))
+class QuantizedLeaf(AdaptedLeaf):
+    """A quantized frozen kernel (a ``qwix.QArray``) that no adapter touches; looks like the
+    float array it stands for. ``lrtt.factored`` dequantizes it at each ``dot_general`` that
+    consumes it."""
+
+    w0: Any
+    path: str
+
+    def parts(self):
+        return {}
 
 
 @_register(
@@ -186,6 +200,7 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
     ``BottleneckAdapter``     ``AdapterLeaf(w0, b0, D, d, U, u)``
     ``TTKernel``              the dense TT matrix, in the leaf's layout and dtype
     ``Trainable``             its value, in the leaf's dtype
+    (none, quantized ``W0``)  ``QuantizedLeaf(w0)``: dequantized at each use
     ========================  ================================================================
 
     Args:
@@ -220,6 +235,8 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
         if path not in base:
             raise ValueError(f"the adapter names {path!r}, which is not a leaf of the params.")
         w0 = base[path]
+        if is_quantized(w0):
+            w0 = quantized_array(w0)
         if isinstance(entry, (LoraFactors, TTFactors)):
             target = targets[path]
             a, b = entry.factor_matrices()
@@ -242,6 +259,9 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
             replacements[path] = target.layout.from_matrix(matrix, w0.shape).astype(w0.dtype)
         elif isinstance(entry, Trainable):
             replacements[path] = entry.value.astype(w0.dtype)
+    for path, w0 in base.items():  # quantized kernels no adapter touches: dequantized at use
+        if path not in replacements and is_quantized(w0):
+            replacements[path] = QuantizedLeaf(quantized_array(w0), path=path)
     return replace_leaves(params, replacements)
 
 
@@ -253,7 +273,7 @@ STACK, IN, OUT = "s", "i", "o"
 class Meta:
     """What the interpreter needs to know of the leaf a view came from (all static)."""
 
-    kind: str  # "low_rank" or "adapter"
+    kind: str  # "low_rank", "adapter" or "quantized" (a quantized W0 alone)
     path: str
     scale: float
     dropout: float = 0.0
@@ -279,6 +299,8 @@ class View:
 
     @classmethod
     def of(cls, leaf: AdaptedLeaf) -> "View":
+        if isinstance(leaf, QuantizedLeaf):  # no parts: every axis may be sliced or reshaped freely
+            return cls(Meta("quantized", leaf.path, 1.0), leaf.w0, (STACK,) * leaf.ndim, {}, {})
         layout = leaf.layout
         parts = leaf.parts()
         if isinstance(leaf, LowRankLeaf):
@@ -353,16 +375,22 @@ class View:
         ``restack``: it gains a leading stack axis (a scan stacks its outputs).
         """
         names = sorted(self.parts)
-        arrays = [self.w0] + [self.parts[n] for n in names]
+        w0_leaves, w0_def = jax.tree.flatten(self.w0)  # a quantized W0: its values and scales
+        n = len(w0_leaves)
+        arrays = w0_leaves + [self.parts[name] for name in names]
         kinds = self.kinds[1:] if unstack else (STACK,) + self.kinds if restack else self.kinds
 
         def rebuild(arrays):
-            return dataclasses.replace(self, w0=arrays[0], kinds=kinds, parts=dict(zip(names, arrays[1:])))
+            w0 = jax.tree.unflatten(w0_def, arrays[:n])
+            return dataclasses.replace(self, w0=w0, kinds=kinds, parts=dict(zip(names, arrays[n:])))
 
         return arrays, rebuild
 
     def dense(self):
-        """``W0 + scale·A·B`` in the view's current form (low-rank views only)."""
+        """``W0 + scale·A·B`` in the view's current form (low-rank views; a quantized W0 alone
+        is its float value)."""
+        if self.meta.kind == "quantized":
+            return dequantize_leaf(self.w0)
         if self.meta.kind != "low_rank":
             raise ValueError(NOT_DENSE.format(path=self.meta.path))
         s_shape, i_shape, o_shape = self.group_shape(STACK), self.group_shape(IN), self.group_shape(OUT)
@@ -372,7 +400,8 @@ class View:
         delta = delta.reshape(s_shape + i_shape + o_shape)
         order = self.axes(STACK) + self.axes(IN) + self.axes(OUT)
         delta = delta.transpose([order.index(k) for k in range(len(order))])
-        return (self.w0.astype(jnp.float32) + delta.astype(jnp.float32)).astype(self.w0.dtype)
+        w0 = dequantize_leaf(self.w0) if is_quantized(self.w0) else self.w0
+        return (w0.astype(jnp.float32) + delta.astype(jnp.float32)).astype(w0.dtype)
 
 
 NOT_DENSE = (

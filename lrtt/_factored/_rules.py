@@ -15,6 +15,8 @@ from jax.extend import core as jcore
 from lrtt._factored._adapted import IN, OUT, STACK, View
 from lrtt._factored._lowrank import DotPlan, adapter_after, adapter_before, low_rank_branch
 from lrtt._jaxpr import reshape_groups, scan_counts
+from lrtt._paths import is_quantized
+from lrtt._quant import dequantize_leaf
 
 
 def _open(jaxpr) -> tuple[jcore.Jaxpr, tuple]:
@@ -64,11 +66,76 @@ def _signature(values: list) -> tuple:
     return tuple(v.signature if isinstance(v, View) else None for v in values)
 
 
+# --- W0 itself: a float array or a quantized one --------------------------------------------------
+QUANTIZED_UNSUPPORTED = (
+    "lrtt.factored: the quantized leaf {path!r} (shape {shape}, {qtype}) reached `{name}`, which a "
+    "quantized kernel cannot pass through{reason}. Quantized kernels pass through dtype "
+    "conversion, transpose, reshape/squeeze/expand_dims, slices, scan/remat/cond bodies and "
+    "dot_general (where they are dequantized, per use). Dequantize it first "
+    "(lrtt.dequantize(params)), or leave it out of lrtt.quantize's targets."
+)
+
+
+def _w0_op(eqn, view, *operands):
+    """``eqn`` applied to W0 (its other operands after it): bound as is on a float W0, mirrored on
+    a quantized one (a ``qwix.QArray``: values and scales move together)."""
+    w0 = view.w0
+    if not is_quantized(w0):
+        return _bind(eqn, [w0, *operands])[0]
+    name, out_shape = eqn.primitive.name, tuple(eqn.outvars[0].aval.shape)
+    try:
+        if name == "convert_element_type":
+            return w0.astype(eqn.params["new_dtype"])
+        if name == "sharding_constraint":
+            return w0  # a placement hint for the dense array; the quantized leaves keep theirs
+        if name == "transpose":
+            return w0.transpose(tuple(eqn.params["permutation"]))
+        if name in ("reshape", "squeeze", "broadcast_in_dim"):
+            return w0.reshape(out_shape)
+        if name == "slice":
+            strides = eqn.params["strides"] or (1,) * w0.ndim
+            return w0[tuple(slice(s, e, st) for s, e, st in zip(eqn.params["start_indices"], eqn.params["limit_indices"], strides))]
+        if name == "dynamic_slice":
+            return _quantized_dynamic_slice(w0, list(operands), tuple(eqn.params["slice_sizes"]))
+    except Exception as err:  # qwix cannot mirror it on the scales (e.g. a reshape across tiles)
+        raise ValueError(QUANTIZED_UNSUPPORTED.format(
+            path=view.meta.path, shape=tuple(w0.shape), qtype=w0.qtype, name=name,
+            reason=f" ({type(err).__name__}: {err})")) from None
+    raise ValueError(QUANTIZED_UNSUPPORTED.format(path=view.meta.path, shape=tuple(w0.shape), qtype=w0.qtype,
+                                                  name=name, reason=""))
+
+
+def _quantized_dynamic_slice(w0, index: list, sizes: tuple):
+    """A slice along stack axes of each array of a QArray: an axis a scale holds whole is sliced
+    with the values; an axis it holds once (size 1) is kept."""
+    def cut(x):
+        idx = [i if x.shape[a] == w0.shape[a] else jnp.zeros_like(i) for a, i in enumerate(index)]
+        size = [n if x.shape[a] == w0.shape[a] else x.shape[a] for a, n in enumerate(sizes)]
+        return lax.dynamic_slice(x, idx, size)
+
+    return jax.tree.map(cut, w0)
+
+
+def _bind_on_w0(eqn, view, operands: list) -> list:
+    """Bind ``eqn`` on ``operands``, ``None`` marking W0's place. A quantized W0 is dequantized
+    inside a checkpointed function: the float copy lives for this product only, and the
+    backward pass dequantizes again rather than keeping it (QLoRA's memory)."""
+    slot = operands.index(None)
+    others = operands[:slot] + operands[slot + 1:]
+    if not is_quantized(view.w0):
+        return _bind(eqn, others[:slot] + [view.w0] + others[slot:])
+
+    def product(w0, *rest):
+        return _bind(eqn, list(rest[:slot]) + [dequantize_leaf(w0)] + list(rest[slot:]))
+
+    return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(view.w0, *others)
+
+
 # --- structural rules ----------------------------------------------------------------------------
 def _on_w0(ctx, eqn, invals):
     """The primitive applied to W0 alone (dtype conversion, a sharding constraint)."""
     (view,) = invals
-    return [view.with_w0(_bind(eqn, [view.w0])[0])]
+    return [view.with_w0(_w0_op(eqn, view))]
 
 
 def _identity(ctx, eqn, invals):
@@ -83,7 +150,7 @@ def _stop_gradient(ctx, eqn, invals):
 
 def _transpose(ctx, eqn, invals):
     (view,) = invals
-    return [view.transpose(_bind(eqn, [view.w0])[0], tuple(eqn.params["permutation"]))]
+    return [view.transpose(_w0_op(eqn, view), tuple(eqn.params["permutation"]))]
 
 
 def _reshape_kinds(kinds, old, new) -> tuple[str, ...] | None:
@@ -114,7 +181,7 @@ def _reshape(ctx, eqn, invals):
         return ctx.unsupported(eqn, invals, (
             f" in a reshape {tuple(view.w0.shape)} -> {new} that mixes its in, out and stack axes "
             f"(axes are {view.kinds}; s = stack, i = in, o = out)"))
-    return [view.relayout(_bind(eqn, [view.w0])[0], kinds)]
+    return [view.relayout(_w0_op(eqn, view), kinds)]
 
 
 def _squeeze(ctx, eqn, invals):
@@ -122,7 +189,7 @@ def _squeeze(ctx, eqn, invals):
     dims = {d % view.w0.ndim for d in eqn.params["dimensions"]}
     kinds = tuple(k for a, k in enumerate(view.kinds) if a not in dims)
     if set(kinds) >= {IN, OUT}:
-        return [view.relayout(_bind(eqn, [view.w0])[0], kinds)]
+        return [view.relayout(_w0_op(eqn, view), kinds)]
     return ctx.unsupported(eqn, invals, " in a squeeze that removes its whole in or out group")
 
 
@@ -137,7 +204,7 @@ def _broadcast_in_dim(ctx, eqn, invals):
     kinds = [STACK] * len(shape)
     for d, kind in zip(dims, view.kinds):
         kinds[d] = kind
-    return [view.relayout(_bind(eqn, [view.w0])[0], tuple(kinds))]
+    return [view.relayout(_w0_op(eqn, view), tuple(kinds))]
 
 
 def _stack_only(view, starts_full) -> str | None:
@@ -165,7 +232,7 @@ def _slice(ctx, eqn, invals):
         steps = [strides[a] for a in stack] + [1] * (part.ndim - len(stack))
         return lax.slice(part, starts, limits, steps)
 
-    return [view.map_stack(_bind(eqn, [view.w0])[0], view.kinds, cut)]
+    return [view.map_stack(_w0_op(eqn, view), view.kinds, cut)]
 
 
 def _dynamic_slice(ctx, eqn, invals):
@@ -182,7 +249,7 @@ def _dynamic_slice(ctx, eqn, invals):
         starts = [index[a] for a in stack] + [0] * (part.ndim - len(stack))
         return lax.dynamic_slice(part, starts, [sizes[a] for a in stack] + list(part.shape[len(stack):]))
 
-    return [view.map_stack(_bind(eqn, [view.w0] + index)[0], view.kinds, cut)]
+    return [view.map_stack(_w0_op(eqn, view, *index), view.kinds, cut)]
 
 
 def _gather(ctx, eqn, invals):
@@ -197,7 +264,7 @@ def _gather(ctx, eqn, invals):
         a in stack or (sizes[a] == view.w0.shape[a] and a not in dn.start_index_map) for a in range(view.w0.ndim))
     if not ok:
         return ctx.unsupported(eqn, invals, " gathered along a non-stack axis; only stack axes can be indexed")
-    w0 = _bind(eqn, [view.w0, indices])[0]
+    w0 = _w0_op(eqn, view, indices)
     kept = [a for a in range(view.w0.ndim) if a not in dn.collapsed_slice_dims]
     kinds = [STACK] * w0.ndim
     for pos, axis in zip(dn.offset_dims, kept):
@@ -319,6 +386,8 @@ def _dot_general(ctx, eqn, invals):
         return ctx.unsupported(eqn, invals, " as both operands of one dot_general")
     on_left = isinstance(lhs, View)
     view, x = (lhs, rhs) if on_left else (rhs, lhs)
+    if view.meta.kind == "quantized":  # a quantized W0 alone: dequantized for this product only
+        return _bind_on_w0(eqn, view, [None, x] if on_left else [x, None])
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     wc, xc, wb, xb = (lc, rc, lb, rb) if on_left else (rc, lc, rb, lb)
     stack = view.axes(STACK)
@@ -361,8 +430,8 @@ def _dot_general(ctx, eqn, invals):
     if view.meta.kind == "adapter" and view.meta.position == "before":
         x_new = batched(functools.partial(adapter_before, plan, view.meta), x_front, parts)
         x_new = jnp.moveaxis(x_new, tuple(range(n_b)), xb) if n_b else x_new
-        return _bind(eqn, [view.w0, x_new] if on_left else [x_new, view.w0])
-    base = _bind(eqn, [view.w0, x] if on_left else [x, view.w0])[0]
+        return _bind_on_w0(eqn, view, [None, x_new] if on_left else [x_new, None])
+    base = _bind_on_w0(eqn, view, [None, x] if on_left else [x, None])[0]
     if view.meta.kind == "adapter":
         return [batched(functools.partial(adapter_after, plan, view.meta), base, parts)]
     precision = eqn.params.get("precision")
@@ -388,6 +457,8 @@ def _ragged_dot_general(ctx, eqn, invals):
     if isinstance(lhs, View) or isinstance(group_sizes, View):
         return ctx.unsupported(eqn, invals, " as the lhs of a ragged_dot_general (only the rhs, the expert kernels, can be adapted)")
     view, x = rhs, lhs
+    if view.meta.kind == "quantized":
+        return _bind_on_w0(eqn, view, [x, None, group_sizes])
     if view.meta.kind != "low_rank":
         return ctx.unsupported(eqn, invals, " with a LoRETTA_adp adapter (ragged_dot_general takes LoRA and LorettaRep)")
     stack, ins = view.axes(STACK), view.axes(IN)
@@ -397,7 +468,7 @@ def _ragged_dot_general(ctx, eqn, invals):
             f" in a ragged_dot_general with dimension numbers {numbers}: the factored rule needs the "
             f"kernel's one stack axis {tuple(stack)} as the group axis, its in axes {tuple(ins)} "
             "contracted and no batch axes (axes {view.kinds})".replace("{view.kinds}", str(view.kinds))))
-    base = _bind(eqn, [x, view.w0, group_sizes])[0]
+    base = _bind_on_w0(eqn, view, [x, None, group_sizes])[0]
     dtype = view.w0.dtype
     # A as (E, *in, r) with the in axes in the kernel's order: contract x's matching axes.
     a = view.parts["a"].astype(dtype)

@@ -1,0 +1,170 @@
+"""Quantized frozen bases (QLoRA): lrtt.quantize with qwix, merge over a quantized base, and
+factored execution that dequantizes each kernel at its dot_general only."""
+
+import contextlib
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import print_saved_residuals
+import pytest
+from conftest import model_logits, perturb, tiny_inputs, tiny_model
+from test_factored import factored_and_merged
+
+import lrtt
+
+qwix = pytest.importorskip("qwix")
+
+# |W - dequantize(quantize(W))| <= bound · absmax of the block (symmetric absmax calibration):
+# int8 and int4 round to a step of absmax/127.5 and absmax/7.5; NF4's widest gap between two
+# code values is 1 - 0.6962 (Dettmers et al. 2023, appendix E), so half of it.
+BOUND = {"int8": 0.5 / 127.5, "int4": 0.5 / 7.5, "nf4": (1.0 - 0.6961928009986877) / 2}
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "int8", "int4"])
+@pytest.mark.parametrize("block_size", [16, None])
+def test_quantize_then_dequantize_is_within_the_format_bound(qtype, block_size):
+    w = jax.random.normal(jax.random.key(0), (64, 24)) * jnp.linspace(0.1, 3.0, 24)  # per-channel spread
+    q = lrtt.quantize({"w": w}, "w", qtype=qtype, block_size=block_size)["w"]
+    assert isinstance(q, qwix.QArray) and q.shape == w.shape
+    assert q.scale.shape == ((64 // block_size, 24) if block_size else (1, 24))
+    err = np.abs(np.asarray(lrtt.dequantize({"w": q})["w"] - w))
+    blocks = np.asarray(w).reshape(-1, block_size or 64, 24)
+    absmax = np.repeat(np.abs(blocks).max(axis=1), block_size or 64, axis=0)
+    assert (err <= BOUND[qtype] * absmax * (1 + 1e-4) + 1e-6).all(), float((err / absmax).max())
+    assert err.max() > 0  # it did quantize
+
+
+def test_quantize_refuses_a_block_size_that_does_not_divide_and_an_unknown_format():
+    params = {"w": jnp.ones((48, 8))}
+    with pytest.raises(ValueError, match=r"cannot quantize 'w' of shape \(48, 8\) in blocks of 64"):
+        lrtt.quantize(params, "w")
+    with pytest.raises(ValueError, match="`qtype` must be one of"):
+        lrtt.quantize(params, "w", qtype="fp3")
+
+
+def _quantized(family, qtype="nf4"):
+    model = tiny_model(family)
+    params = lrtt.quantize(model.params, "all-linear", qtype=qtype, block_size=16)
+    return model, params
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", [lrtt.LoRA(rank=4, targets="qv"),
+                                    lrtt.LorettaRep(rank=4, tt_rank=2, targets="qv")], ids=["lora", "rep"])
+def test_factored_over_a_quantized_base_equals_merged_over_its_dequantized_form(family, method):
+    """Outputs and adapter gradients; the kernels outside q, v are quantized and not adapted."""
+    model, params = _quantized(family)
+    quantized = [p for p, leaf in lrtt._paths.named_leaves(params) if lrtt._paths.is_quantized(leaf)]
+    assert len(quantized) > 4
+    adapter = perturb(method.init(jax.random.key(0), params), jax.random.key(1))
+    ids = tiny_inputs()
+    factored_and_merged(method, params, adapter, lambda p, x: model_logits(model, p, x), ids)
+
+
+def test_int8_base_and_merge_dtype():
+    model, params = _quantized("llama", "int8")
+    method = lrtt.LoRA(rank=2, targets="qv")
+    adapter = perturb(method.init(jax.random.key(0), params), jax.random.key(1))
+    merged = lrtt.merge(method, params, adapter, dtype=jnp.bfloat16)
+    quantized = {p for p, x in lrtt._paths.named_leaves(params) if lrtt._paths.is_quantized(x)}
+    kernels = [x for p, x in lrtt._paths.named_leaves(merged) if p in quantized]
+    assert len(kernels) == 14 and all(k.dtype == jnp.bfloat16 and not lrtt._paths.is_quantized(k) for k in kernels)
+    assert dict(lrtt._paths.named_leaves(merged))["lm_head/kernel"].dtype == jnp.float32  # float leaves keep theirs
+    dense = lrtt.merge(method, lrtt.dequantize(params), adapter)
+    q_proj = "model/layers/0/self_attn/q_proj/kernel"
+    np.testing.assert_allclose(np.asarray(dict(lrtt._paths.named_leaves(merged))[q_proj], np.float32),
+                               dict(lrtt._paths.named_leaves(dense))[q_proj], rtol=1e-2, atol=1e-2)
+
+
+def _float_kernel_residuals(fn, arg, shapes):
+    """The values of ``fn``'s gradient that are kept from the forward pass for the backward one
+    (``jax.ad_checkpoint.print_saved_residuals``), float and of a quantized kernel's shape, that
+    the forward pass computed (not the inputs and constants it was given)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_saved_residuals(fn, arg)
+    wanted = {"f32[" + ",".join(map(str, s)) + "]" for s in shapes}
+    return [line for line in buf.getvalue().splitlines()
+            if line.split(" ")[0] in wanted and "from a constant" not in line and "from the argument" not in line]
+
+
+def test_no_float_copy_of_a_quantized_kernel_outlives_its_matmul():
+    """Between the forward and the backward pass only the quantized kernels are kept: the float
+    copy made at each dot_general is checkpointed (the backward dequantizes again)."""
+    model, params = _quantized("llama")
+    method = lrtt.LoRA(rank=4, targets="qv")
+    adapter = method.init(jax.random.key(0), params)
+    ids = tiny_inputs()
+    shapes = {tuple(x.shape) for p, x in lrtt._paths.named_leaves(params) if lrtt._paths.is_quantized(x)}
+
+    def factored(ad):
+        return jnp.mean(lrtt.factored(lambda p, x: model_logits(model, p, x))(lrtt.wrap(method, params, ad), ids))
+
+    def merged(ad):
+        return jnp.mean(model_logits(model, lrtt.merge(method, params, ad), ids))
+
+    assert not _float_kernel_residuals(factored, adapter, shapes)
+    assert len(_float_kernel_residuals(merged, adapter, shapes)) > 4  # the check sees dense kernels when kept
+
+
+def test_a_quantized_leaf_a_rule_cannot_carry_is_named():
+    params = {"emb": {"kernel": jax.random.normal(jax.random.key(0), (32, 16))}, "dense": {"kernel": jnp.ones((16, 8))}}
+    params = lrtt.quantize(params, "emb/kernel", block_size=16)
+    method = lrtt.LoRA(rank=2, targets="dense/kernel")
+    wrapped = lrtt.wrap(method, params, method.init(jax.random.key(0), params))
+    rows = jnp.array([1, 3])
+    with pytest.raises(ValueError, match=r"the quantized leaf 'emb/kernel' \(shape \(32, 16\), nf4\) reached `gather`"):
+        lrtt.factored(lambda p: p["emb"]["kernel"][rows] @ p["dense"]["kernel"])(wrapped)
+    out = lrtt.factored(lambda p: jnp.ones((2, 32)) @ p["emb"]["kernel"] @ p["dense"]["kernel"])(wrapped)
+    dense = lrtt.dequantize(params)
+    np.testing.assert_allclose(out, jnp.ones((2, 32)) @ dense["emb"]["kernel"] @ dense["dense"]["kernel"], rtol=1e-5)
+    adapted = lrtt.LoRA(rank=2, targets="emb/kernel")
+    with pytest.raises(ValueError, match="emb/kernel"):
+        lrtt.factored(lambda p: jnp.sum(p["emb"]["kernel"]))(lrtt.wrap(adapted, params, adapted.init(jax.random.key(0), params)))
+
+
+def test_a_scan_over_stacked_quantized_layers_slices_values_and_scales_together():
+    """Kernels ``(L, in, out)`` quantized with per-layer scales go through ``lax.scan`` (and
+    ``jax.checkpoint``) as values and scales, factored == merged with gradients."""
+    n_layers, d = 3, 32
+    params = {"layers": {"w": jax.random.normal(jax.random.key(0), (n_layers, d, d)) / d**0.5},
+              "other": {"w": jax.random.normal(jax.random.key(1), (n_layers, d, d)) / d**0.5}}
+    layouts = {"layers/w": "layer in out", "other/w": "layer in out"}
+    params = lrtt.quantize(params, "w$", qtype="nf4", block_size=16, layouts=layouts)
+    assert params["layers"]["w"].scale.shape == (n_layers, 2, d)
+    method = lrtt.LoRA(rank=4, targets="layers/w", layouts=layouts)
+    adapter = perturb(method.init(jax.random.key(2), params), jax.random.key(3))
+
+    def fn(p, x):
+        def body(h, ws):
+            w, v = ws
+            return jnp.tanh(h @ w) @ v, None
+
+        return jax.lax.scan(jax.checkpoint(body), x, (p["layers"]["w"], p["other"]["w"]))[0]
+
+    factored_and_merged(method, params, adapter, fn, jax.random.normal(jax.random.key(4), (2, d)))
+
+
+def test_a_tree_quantized_by_qwix_quantize_params_is_adapted_as_it_is():
+    """qwix's PTQ wraps each quantized kernel (``WithAux(array=QArray)``); lrtt reads it as the
+    kernel ``…/kernel`` and runs the float model over it, factored == merged."""
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(32, name="down")(jax.nn.relu(nn.Dense(64, name="up")(x)))
+
+    model, x = MLP(), jax.random.normal(jax.random.key(0), (2, 32))
+    params = model.init(jax.random.key(1), x)["params"]
+    rule = qwix.QuantizationRule(module_path=".*", weight_qtype="nf4", tile_size=16)
+    qmodel = qwix.quantize_model(model, qwix.PtqProvider([rule]))
+    qparams = qwix.quantize_params(params, jax.eval_shape(qmodel.init, jax.random.key(0), x)["params"])
+    assert [p for p, leaf in lrtt._paths.named_leaves(qparams) if lrtt._paths.is_quantized(leaf)] == ["down/kernel", "up/kernel"]
+    method = lrtt.LoRA(rank=4, targets="kernel")
+    adapter = perturb(method.init(jax.random.key(2), qparams), jax.random.key(3))
+    factored_and_merged(method, qparams, adapter, lambda p, x: model.apply({"params": p}, x), x)
+    np.testing.assert_allclose(model.apply({"params": lrtt.dequantize(qparams)}, x), qmodel.apply({"params": qparams}, x),
+                               rtol=1e-5, atol=1e-5)  # lrtt's dequantized base is the one qwix's model runs
