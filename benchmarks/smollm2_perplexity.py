@@ -6,6 +6,11 @@ loader into PyTorch ``LlamaForCausalLM`` (8.4176). Measured failure modes: no q/
 un-permutation at all gives ~57 (q and k permuted alike leave q·k intact, only the rotary pairs
 are wrong); un-permuting q but not k gives ~2,900. The rotary base (1e5 for SmolLM2, which
 FlaxLlama would ignore) barely moves a 94-token paragraph; tests/test_gguf.py checks it exactly.
+
+``--qtype int8 nf4 ...`` also prints the perplexity over a quantized base: every linear kernel
+but the head through ``lrtt.quantize(params, "all-linear", qtype, block_size)`` (qwix), then
+dequantized (factored execution over the quantized tree computes the same function; the tests
+check factored == merged over the dequantized base).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ PARAGRAPH = (
 )
 
 
-def perplexity(model, tokenizer, text: str = PARAGRAPH) -> float:
+def perplexity(model, tokenizer, text: str = PARAGRAPH, params=None) -> float:
     """exp of the mean next-token cross-entropy of ``text`` (no BOS; the first token is context)."""
     ids = jnp.asarray([tokenizer.encode(text).ids], dtype=jnp.int32)
 
@@ -35,7 +40,7 @@ def perplexity(model, tokenizer, text: str = PARAGRAPH) -> float:
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1).mean()
 
-    return float(jnp.exp(mean_nll(model.params, ids)))
+    return float(jnp.exp(mean_nll(params if params is not None else model.params, ids)))
 
 
 def main() -> None:
@@ -43,6 +48,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="conversion cache (default: $LRTT_CACHE/...)")
+    parser.add_argument("--qtype", nargs="*", default=[], choices=("int8", "int4", "nf4"),
+                        help="also measure over a base quantized to these formats")
+    parser.add_argument("--block-size", type=int, default=64, help="inputs per scale (QLoRA: 64); 0: per channel")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -53,6 +61,18 @@ def main() -> None:
     t2 = time.perf_counter()
     print(f"load (convert or cached): {t1 - t0:.1f} s; forward: {t2 - t1:.1f} s; tokens: {n_tokens}")
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF -> Flax) perplexity: {ppl:.3f}")
+    if args.qtype:
+        import lrtt
+
+        block = args.block_size or None
+        print("| base | block | bits/weight (values + float32 scales) | perplexity |")
+        print("|---|---|---|---|")
+        print(f"| float32 | - | 32 | {ppl:.3f} |")
+        for qtype in args.qtype:
+            quantized = lrtt.quantize(model.params, "all-linear", qtype=qtype, block_size=block)
+            bits = {"int8": 8, "int4": 4, "nf4": 4}[qtype] + (32 / block if block else 0)
+            q_ppl = perplexity(model, tokenizer, params=lrtt.dequantize(quantized))
+            print(f"| {qtype} | {block or 'per channel'} | {bits:g} | {q_ppl:.3f} |")
 
 
 if __name__ == "__main__":
