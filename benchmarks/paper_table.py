@@ -69,10 +69,12 @@ def classification_table(args) -> list[str]:
 def lm_table(args) -> list[str]:
     lines = [f"SmolLM2-135M on BBC News text, {args.lm_steps} steps x batch 4, blocks of 128 tokens"]
     lines.append(f"{'method':<12} {'trainable':>10} {'loss before':>12} {'ppl before':>11} {'loss after':>11} {'ppl after':>10}")
-    for name in LM:
+    runs = [(name, "none") for name in args.lm_methods] + [("lora", q) for q in args.lm_qtypes]
+    for name, qtype in runs:
         with tempfile.TemporaryDirectory() as out:
             overrides = [f"train.steps={args.lm_steps}", f"output.dir={out}", "output.export=false",
-                         f"train.eval_every={args.lm_steps}", f"output.save_every={args.lm_steps}"]
+                         f"train.eval_every={args.lm_steps}", f"output.save_every={args.lm_steps}",
+                         f"quantize.qtype={qtype}"]
             config = _config.load(f"configs/smollm2_bbc_{name}.yaml", overrides)
             method = _job.build_method(config)
             task = _tasks.build_task(config)
@@ -81,8 +83,9 @@ def lm_table(args) -> list[str]:
             before = _job.evaluate_split(task, method, method.init(jax.random.key(0), task.params), "test", config.train.eval_batch_size)
             summary = _job.train(config, progress=False)
         after = summary["test"]
+        label = name if qtype == "none" else f"{name} ({qtype} base)"
         lines.append(
-            f"{name:<12} {summary['trainable_params']:>10,} {before['loss']:>12.4f} {before['perplexity']:>11.2f} "
+            f"{label:<12} {summary['trainable_params']:>10,} {before['loss']:>12.4f} {before['perplexity']:>11.2f} "
             f"{after['loss']:>11.4f} {after['perplexity']:>10.2f}"
         )
         print("  " + lines[-1], flush=True)
@@ -96,6 +99,9 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=64, help="tokens per BBC article for MiniLM")
     parser.add_argument("--lm-steps", type=int, default=30)
     parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--lm-methods", nargs="*", default=LM, choices=LM, help="LM methods over the float base")
+    parser.add_argument("--lm-qtypes", nargs="*", default=[], choices=("int8", "int4", "nf4"),
+                        help="also LoRA over the base quantized to these formats (QLoRA)")
     parser.add_argument("--skip-classification", action="store_true")
     args = parser.parse_args()
     os.chdir(os.path.join(os.path.dirname(__file__), ".."))

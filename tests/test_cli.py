@@ -100,3 +100,21 @@ def test_progress_bar_in_a_log_is_not_redrawn_every_step(tmp_path, capsys):
     assert cli.main(args) == 0  # progress on; stderr is captured, not a terminal
     draws = capsys.readouterr().err.count("loretta_rep:")
     assert 1 <= draws < steps, draws
+
+
+def test_train_over_an_nf4_base_and_export_a_float_model(tmp_path, capsys):
+    """`quantize: {qtype: nf4}`: the frozen base is quantized, training runs factored over it,
+    the export is the dequantized base plus ΔW as a float transformers model."""
+    args = ["configs/minilm_bbc_lora.yaml", *SMALL, "--set", f"output.dir={tmp_path}", "--set", "train.steps=4",
+            "--set", "quantize.qtype=nf4"]
+    assert cli.main(["train", *args, "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["quantize"] == {"qtype": "nf4", "block_size": 64}
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+    from transformers import FlaxBertForSequenceClassification
+
+    merged = FlaxBertForSequenceClassification.from_pretrained(tmp_path / "merged")
+    kernel = merged.params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    assert kernel.dtype == np.float32 and len(np.unique(np.asarray(kernel))) > 16  # float: dequantized + ΔW
+    assert cli.main(["train", *args[:-2], "--set", "quantize.qtype=fp3", "--no-progress"]) == 2
+    assert "`quantize.qtype` must be one of" in capsys.readouterr().err

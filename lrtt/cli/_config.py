@@ -1,6 +1,6 @@
 """Run configs for the ``lrtt`` CLI: YAML files validated into frozen dataclasses.
 
-A config has five sections; every key is checked (unknown keys and wrong types are errors that
+A config has five sections (and an optional sixth, ``quantize``); every key is checked (unknown keys and wrong types are errors that
 name the file, the key, what was given and what is allowed)::
 
     model: minilm            # minilm (BERT, classification) | smollm2 (Llama, language model)
@@ -8,6 +8,7 @@ name the file, the key, what was given and what is allowed)::
     data: {max_len: 128, seed: 0}
     train: {steps: 300, batch_size: 16, lr: 5.0e-3, ...}
     output: {dir: runs/minilm-bbc-loretta-rep}
+    quantize: {qtype: nf4, block_size: 64}   # optional: a quantized frozen base (QLoRA)
 
 ``--set section.key=value`` overrides a key (the value is parsed as YAML: ``3``, ``1e-3``,
 ``[a, b]``).
@@ -56,6 +57,14 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """The frozen base held quantized (QLoRA): every linear kernel but the head, via lrtt.quantize."""
+
+    qtype: str = "none"  # none | int8 | int4 | nf4
+    block_size: int | None = 64  # inputs per scale; None: one scale per output channel
+
+
+@dataclasses.dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/default"
     save_every: int = 100
@@ -70,6 +79,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     @property
     def method_name(self) -> str:
@@ -83,8 +93,8 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig, "output": OutputConfig}
-_TOP = ("model", "method", "data", "train", "output")
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "output": OutputConfig, "quantize": QuantizeConfig}
+_TOP = ("model", "method", "data", "train", "output", "quantize")
 
 
 def _suggest(key: str, allowed) -> str:
@@ -121,7 +131,7 @@ _MINIMUM = {
     "data.max_len": 2, "data.train_limit": 1, "data.eval_limit": 1,
     "train.steps": 1, "train.batch_size": 1, "train.warmup": 0, "train.weight_decay": 0.0,
     "train.accumulate": 1, "train.eval_every": 1, "train.eval_batch_size": 1,
-    "output.save_every": 1, "output.keep": 1, "train.max_skips": 1,
+    "output.save_every": 1, "output.keep": 1, "train.max_skips": 1, "quantize.block_size": 1,
 }
 
 
@@ -181,6 +191,7 @@ def parse(raw: Any, *, source: str = "config") -> RunConfig:
     sections = {name: _section(name, raw.get(name), cls, source) for name, cls in _SECTIONS.items()}
     _check_choice(sections["train"].forward, ("factored", "merged"), "train.forward", source)
     _check_choice(sections["train"].on_nonfinite, ("stop", "skip"), "train.on_nonfinite", source)
+    _check_choice(sections["quantize"].qtype, ("none", "int8", "int4", "nf4"), "quantize.qtype", source)
     return RunConfig(model=raw["model"], method=dict(method), **sections)
 
 

@@ -98,7 +98,16 @@ def lm_task(config: RunConfig) -> Task:
 
 
 def build_task(config: RunConfig) -> Task:
-    return classification_task(config) if config.model == "minilm" else lm_task(config)
+    """The task of ``config``; with ``quantize.qtype`` set, its frozen base quantized (every
+    linear kernel but the head, :func:`lrtt.quantize`)."""
+    task = classification_task(config) if config.model == "minilm" else lm_task(config)
+    if config.quantize.qtype != "none":
+        import lrtt
+
+        params = lrtt.quantize(task.params, "all-linear", qtype=config.quantize.qtype,
+                               block_size=config.quantize.block_size)
+        task = dataclasses.replace(task, params=params)
+    return task
 
 
 def summarize(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
