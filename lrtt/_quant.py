@@ -18,6 +18,7 @@ scales cost 0.5 bit per weight (bf16 scales: ``scale_dtype=jnp.bfloat16``, 0.25 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -102,11 +103,32 @@ def quantize(
                 )
             tiled = {axis: block_size}
             channelwise += [a for a in ins if a != axis]
-        replacements[target.path] = qwix.quantize(
-            jnp.asarray(leaf), kind, channelwise_axes=tuple(channelwise), tiled_axes=tiled or None,
-            scale_dtype=scale_dtype,
-        )
+        replacements[target.path] = _quantize_in_chunks(
+            qwix, leaf, kind, tuple(channelwise), tiled or None, scale_dtype, target.layout.axes("out"))
     return replace_leaves(params, replacements)
+
+
+CHUNK = 1 << 23
+"""Elements quantized per qwix call: NF4's nearest-code search makes 16 floats per element, so a
+LLaMA-2-7B MLP kernel quantized whole would need 2.9 GB of temporaries (8M elements: 0.5 GB)."""
+
+
+def _quantize_in_chunks(qwix, leaf, kind, channelwise, tiled, scale_dtype, out_axes):
+    """``qwix.quantize`` of ``leaf``, split along its largest output axis into pieces of at most
+    :data:`CHUNK` elements: every output channel has its own scales, so the pieces quantize
+    exactly as the whole (the values and scales are joined back along that axis)."""
+    size = math.prod(leaf.shape)
+    axis = max(out_axes, key=lambda a: leaf.shape[a])
+    pieces = min(leaf.shape[axis], -(-size // CHUNK))
+    if pieces <= 1:
+        return qwix.quantize(jnp.asarray(leaf), kind, channelwise_axes=channelwise, tiled_axes=tiled,
+                             scale_dtype=scale_dtype)
+    bounds = [round(i * leaf.shape[axis] / pieces) for i in range(pieces + 1)]
+    parts = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        piece = jax.lax.slice_in_dim(jnp.asarray(leaf), start, stop, axis=axis)
+        parts.append(qwix.quantize(piece, kind, channelwise_axes=channelwise, tiled_axes=tiled, scale_dtype=scale_dtype))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *parts)
 
 
 def dequantize(params: Any, dtype: Any = None) -> Any:

@@ -168,3 +168,17 @@ def test_a_tree_quantized_by_qwix_quantize_params_is_adapted_as_it_is():
     factored_and_merged(method, qparams, adapter, lambda p, x: model.apply({"params": p}, x), x)
     np.testing.assert_allclose(model.apply({"params": lrtt.dequantize(qparams)}, x), qmodel.apply({"params": qparams}, x),
                                rtol=1e-5, atol=1e-5)  # lrtt's dequantized base is the one qwix's model runs
+
+
+def test_large_kernels_are_quantized_in_pieces_exactly_as_whole(monkeypatch):
+    """lrtt.quantize splits a kernel along an output axis to bound qwix's temporaries; every
+    output channel has its own scales, so the pieces join into the same QArray."""
+    import lrtt._quant
+
+    w = jax.random.normal(jax.random.key(0), (128, 96))
+    whole = lrtt.quantize({"w": w}, "w", qtype="nf4", block_size=32)["w"]
+    monkeypatch.setattr(lrtt._quant, "CHUNK", 1000)  # 96 output channels in 13 pieces
+    pieces = lrtt.quantize({"w": w}, "w", qtype="nf4", block_size=32)["w"]
+    assert pieces.qtype == "nf4" and pieces.qvalue.dtype == whole.qvalue.dtype
+    np.testing.assert_array_equal(np.asarray(pieces.qvalue, np.uint8), np.asarray(whole.qvalue, np.uint8))
+    np.testing.assert_array_equal(pieces.scale, whole.scale)

@@ -118,14 +118,17 @@ def _quantized_dynamic_slice(w0, index: list, sizes: tuple):
 
 def _bind_on_w0(eqn, view, operands: list) -> list:
     """Bind ``eqn`` on ``operands``, ``None`` marking W0's place. A quantized W0 is dequantized
-    inside a checkpointed function: the float copy lives for this product only, and the
-    backward pass dequantizes again rather than keeping it (QLoRA's memory)."""
+    inside a checkpointed function: the float copy is not saved for the backward pass, which
+    dequantizes again (QLoRA's memory between the passes)."""
     slot = operands.index(None)
     others = operands[:slot] + operands[slot + 1:]
     if not is_quantized(view.w0):
         return _bind(eqn, others[:slot] + [view.w0] + others[slot:])
 
     def product(w0, *rest):
+        # The barrier ties W0 to this product's other operands, so that its dequantization is
+        # not scheduled before the activation it multiplies exists.
+        w0, rest = lax.optimization_barrier((w0, rest))
         return _bind(eqn, list(rest[:slot]) + [dequantize_leaf(w0)] + list(rest[slot:]))
 
     return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(view.w0, *others)
