@@ -32,7 +32,7 @@ from lrtt._factored import (
     wrap as wrap,
 )
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
-from lrtt._quant import dequantize as dequantize, quantize as quantize
+from lrtt._quant import dequantize as dequantize, load_quantized as load_quantized, quantize as quantize
 from lrtt._targets import TARGET_PRESETS as TARGET_PRESETS, Layout as Layout, select as select
 from lrtt.io import (
     CheckpointCorruptError as CheckpointCorruptError,
@@ -96,6 +96,7 @@ __all__ = [
     "factored",
     "io",
     "load_merged",
+    "load_quantized",
     "load_peft",
     "merge",
     "methods",

@@ -18,8 +18,10 @@ scales cost 0.5 bit per weight (bf16 scales: ``scale_dtype=jnp.bfloat16``, 0.25 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,60 @@ from lrtt._paths import is_quantized, named_leaves, quantized_array, replace_lea
 from lrtt._targets import normalize_patterns, select
 
 QTYPES = ("nf4", "int8", "int4")
+_FOUR_BIT = ("uint4", "int4")
+
+
+@jax.tree_util.register_pytree_node_class
+class Packed4:
+    """4-bit values stored two to a byte: ``data: uint8 (..., n/2)`` stands for ``(..., n)``.
+
+    The qvalue of a 4-bit ``qwix.QArray`` held by :func:`quantize` with ``packed=True``. Any
+    axis but the last is sliced on ``data`` exactly as on the values it stands for, so a scan
+    over stacked layers slices the packed bytes; the values are unpacked (a bitcast, no
+    arithmetic) where the kernel is dequantized. Why: XLA's CPU backend converts a ``uint4``
+    array that a loop slices into one byte per value, for the whole stack, before the loop
+    (measured: ``benchmarks/memory.py``, docs/quantization.md); bytes it slices as they are.
+    """
+
+    def __init__(self, data: jax.Array, dtype: Any):
+        self.data = data
+        self.value_dtype = jnp.dtype(dtype)
+
+    shape = property(lambda self: (*self.data.shape[:-1], 2 * self.data.shape[-1]))
+    ndim = property(lambda self: self.data.ndim)
+    dtype = property(lambda self: self.value_dtype)
+
+    def tree_flatten(self):
+        return (self.data,), self.value_dtype
+
+    @classmethod
+    def tree_unflatten(cls, dtype, children):
+        return cls(children[0], dtype)
+
+    def __repr__(self) -> str:
+        return f"Packed4(shape={self.shape}, dtype={self.value_dtype.name}, bytes={self.data.shape})"
+
+
+def pack_values(values: jax.Array) -> Packed4:
+    """``(..., n)`` 4-bit values (``n`` even) as a :class:`Packed4`."""
+    if values.shape[-1] % 2:
+        raise ValueError(f"4-bit values of shape {values.shape} cannot be packed two to a byte: the last axis is odd.")
+    pairs = values.reshape(*values.shape[:-1], values.shape[-1] // 2, 2)
+    return Packed4(jax.lax.bitcast_convert_type(pairs, jnp.uint8), values.dtype)
+
+
+def unpack_values(packed: Packed4) -> jax.Array:
+    """The 4-bit values a :class:`Packed4` stands for."""
+    pairs = jax.lax.bitcast_convert_type(packed.data, packed.value_dtype)
+    return pairs.reshape(packed.shape)
+
+
+def unpacked(leaf: Any) -> Any:
+    """A quantized array with its values as values (a :class:`Packed4` qvalue unpacked)."""
+    array = quantized_array(leaf)
+    if isinstance(array.qvalue, Packed4):
+        return dataclasses.replace(array, qvalue=unpack_values(array.qvalue))
+    return array
 
 
 def _qwix():
@@ -51,6 +107,7 @@ def quantize(
     block_size: int | None = 64,
     layouts: Any = (),
     scale_dtype: Any = None,
+    packed: bool = False,
 ) -> Any:
     """``params`` with the kernels ``targets`` selects quantized; every other leaf as it was.
 
@@ -63,6 +120,8 @@ def quantize(
         scale per output channel (over all inputs).
       layouts: ``{regex: layout}`` for kernels that are not 2-D ``(in, out)`` (as the methods').
       scale_dtype: dtype of the scales (and of the dequantized kernel); default the kernel's.
+      packed: hold 4-bit values (NF4, int4) two to a byte (:class:`Packed4`); what a model that
+        scans over stacked quantized layers needs on XLA's CPU backend (docs/quantization.md).
 
     Returns:
       The tree with ``qwix.QArray`` leaves at the targets.
@@ -79,16 +138,67 @@ def quantize(
       >>> kernel.shape, kernel.qvalue.dtype, kernel.scale.shape
       ((128, 16), dtype(uint4), (2, 16))
     """
+    leaves = dict(named_leaves(params))
+    plan = _plan(params, targets, qtype, block_size, layouts, scale_dtype, packed)
+    replacements = {path: quantize_leaf(leaves[path]) for path, quantize_leaf in plan.items()
+                    if not is_quantized(leaves[path])}  # an already quantized leaf is kept as it is
+    return replace_leaves(params, replacements)
+
+
+def load_quantized(
+    shapes: Any,
+    read: Callable[[str], Any],
+    targets: "str | Sequence[str]" = "all-linear",
+    *,
+    qtype: str = "nf4",
+    block_size: int | None = 64,
+    layouts: Any = (),
+    scale_dtype: Any = None,
+    packed: bool = False,
+    dtype: Any = None,
+) -> Any:
+    """The tree ``shapes`` describes, read one leaf at a time, its target kernels quantized as read.
+
+    ``read(path)`` returns the float value of one leaf (a numpy or jax array, e.g. one tensor of a
+    safetensors file or of a GGUF); a target kernel is quantized before the next leaf is read, so
+    the model never exists in float: the peak is the quantized tree plus one float kernel. The
+    result equals ``quantize(tree_of_all_reads, targets, ...)`` (tested).
+
+    Args:
+      shapes: the tree to build, leaves with ``.shape`` (``jax.ShapeDtypeStruct``, e.g. a Flax
+        model's ``params_shape_tree`` or ``jax.eval_shape(model.init, ...)``): targets,
+        presets and layouts are resolved on it, as :func:`quantize` does on arrays.
+      read: ``read(path) -> array`` for every ``/``-joined leaf path of ``shapes``.
+      targets, qtype, block_size, layouts, scale_dtype, packed: as :func:`quantize`.
+      dtype: the dtype of the leaves that are not quantized (default: as read).
+
+    Raises:
+      ValueError: what :func:`quantize` raises, or a leaf read with a shape other than ``shapes``'.
+    """
+    plan = _plan(shapes, targets, qtype, block_size, layouts, scale_dtype, packed)
+    values = {}
+    for path, like in named_leaves(shapes):
+        value = read(path)
+        if tuple(value.shape) != tuple(like.shape):
+            raise ValueError(f"{path!r} was read with shape {tuple(value.shape)}, but the tree to build has "
+                             f"{tuple(like.shape)} there: the checkpoint does not belong to this model (config).")
+        if path in plan:
+            values[path] = plan[path](value)
+        else:
+            values[path] = jnp.asarray(value, dtype or getattr(value, "dtype", None))
+        del value
+    return replace_leaves(shapes, values)
+
+
+def _plan(params, targets, qtype, block_size, layouts, scale_dtype, packed) -> dict[str, Callable[[Any], Any]]:
+    """``{path: quantize_leaf}`` for each selected kernel: blocks of ``block_size`` along its last
+    ``in`` axis, every other axis (``out``, ``layer``, other ``in``) channelwise."""
     qwix = _qwix()
     kind = _qtype(qtype)
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"`block_size` must be a positive integer or None, got {block_size!r}.")
-    leaves = dict(named_leaves(params))
-    replacements = {}
+    plan = {}
     for target in select(params, normalize_patterns(targets), layouts=layouts):
-        leaf = leaves[target.path]
-        if is_quantized(leaf):
-            continue  # already quantized: kept as it is
         ins = target.layout.axes("in")
         channelwise = [a for a in range(target.layout.ndim) if a not in ins]
         tiled = {}
@@ -103,9 +213,10 @@ def quantize(
                 )
             tiled = {axis: block_size}
             channelwise += [a for a in ins if a != axis]
-        replacements[target.path] = _quantize_in_chunks(
-            qwix, leaf, kind, tuple(channelwise), tiled or None, scale_dtype, target.layout.axes("out"))
-    return replace_leaves(params, replacements)
+        plan[target.path] = functools.partial(
+            _quantize_in_chunks, qwix, kind=kind, channelwise=tuple(channelwise), tiled=tiled or None,
+            scale_dtype=scale_dtype, out_axes=target.layout.axes("out"), packed=packed)
+    return plan
 
 
 CHUNK = 1 << 23
@@ -113,7 +224,7 @@ CHUNK = 1 << 23
 LLaMA-2-7B MLP kernel quantized whole would need 2.9 GB of temporaries (8M elements: 0.5 GB)."""
 
 
-def _quantize_in_chunks(qwix, leaf, kind, channelwise, tiled, scale_dtype, out_axes):
+def _quantize_in_chunks(qwix, leaf, *, kind, channelwise, tiled, scale_dtype, out_axes, packed):
     """``qwix.quantize`` of ``leaf``, split along its largest output axis into pieces of at most
     :data:`CHUNK` elements: every output channel has its own scales, so the pieces quantize
     exactly as the whole (the values and scales are joined back along that axis)."""
@@ -121,14 +232,23 @@ def _quantize_in_chunks(qwix, leaf, kind, channelwise, tiled, scale_dtype, out_a
     axis = max(out_axes, key=lambda a: leaf.shape[a])
     pieces = min(leaf.shape[axis], -(-size // CHUNK))
     if pieces <= 1:
-        return qwix.quantize(jnp.asarray(leaf), kind, channelwise_axes=channelwise, tiled_axes=tiled,
+        whole = qwix.quantize(jnp.asarray(leaf), kind, channelwise_axes=channelwise, tiled_axes=tiled,
                              scale_dtype=scale_dtype)
+        return _packed(whole) if packed else whole
     bounds = [round(i * leaf.shape[axis] / pieces) for i in range(pieces + 1)]
     parts = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         piece = jax.lax.slice_in_dim(jnp.asarray(leaf), start, stop, axis=axis)
         parts.append(qwix.quantize(piece, kind, channelwise_axes=channelwise, tiled_axes=tiled, scale_dtype=scale_dtype))
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *parts)
+    joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *parts)
+    return _packed(joined) if packed else joined
+
+
+def _packed(array):
+    """``array`` (a QArray) with its values packed two to a byte if they are 4-bit."""
+    if jnp.dtype(array.qvalue.dtype).name not in _FOUR_BIT:
+        return array
+    return dataclasses.replace(array, qvalue=pack_values(array.qvalue))
 
 
 def dequantize(params: Any, dtype: Any = None) -> Any:
@@ -143,5 +263,5 @@ def dequantize(params: Any, dtype: Any = None) -> Any:
 
 def dequantize_leaf(leaf: Any, dtype: Any = None) -> jax.Array:
     """One quantized leaf as the float array it stands for (``dtype``: default its scales')."""
-    dense = _qwix().dequantize(quantized_array(leaf))
+    dense = _qwix().dequantize(unpacked(leaf))
     return dense if dtype is None else dense.astype(dtype)

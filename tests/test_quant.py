@@ -182,3 +182,35 @@ def test_large_kernels_are_quantized_in_pieces_exactly_as_whole(monkeypatch):
     assert pieces.qtype == "nf4" and pieces.qvalue.dtype == whole.qvalue.dtype
     np.testing.assert_array_equal(np.asarray(pieces.qvalue, np.uint8), np.asarray(whole.qvalue, np.uint8))
     np.testing.assert_array_equal(pieces.scale, whole.scale)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "int4"])
+def test_packed_4bit_values_are_the_same_kernel_and_scan_slices_them_as_bytes(qtype):
+    """``packed=True`` holds 4-bit values two to a byte: the same dequantized kernel, the same
+    factored gradients under a scan over stacked layers, and XLA's step keeps no byte-per-value
+    copy of the stack (which it makes of a stacked ``uint4`` array that a loop slices)."""
+    layers, width = 32, 256
+    kernel = jax.random.normal(jax.random.key(0), (layers, width, width)) / 16
+    params = {"layers": {"k": {"kernel": kernel}}}
+    layouts = {r"layers/.*": "layer in out"}
+    plain = lrtt.quantize(params, "layers/k/kernel", qtype=qtype, block_size=64, layouts=layouts)
+    packed = lrtt.quantize(params, "layers/k/kernel", qtype=qtype, block_size=64, layouts=layouts, packed=True)
+    assert isinstance(packed["layers"]["k"]["kernel"].qvalue, lrtt._quant.Packed4)
+    assert packed["layers"]["k"]["kernel"].shape == kernel.shape
+    assert jnp.array_equal(lrtt.dequantize(plain)["layers"]["k"]["kernel"], lrtt.dequantize(packed)["layers"]["k"]["kernel"])
+
+    method = lrtt.LoRA(rank=2, targets="layers/k/kernel", layouts=layouts)
+    adapter = jax.tree.map(lambda x: x + 0.01, method.init(jax.random.key(1), params))
+    x = jax.random.normal(jax.random.key(2), (2, width))
+
+    def loss(adapter, p, x):
+        def fn(p, x):
+            body = jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), None))
+            return jax.lax.scan(body, x, p["layers"]["k"]["kernel"])[0]
+        return jnp.sum(lrtt.factored(fn)(lrtt.wrap(method, p, adapter), x))
+
+    grad = jax.jit(jax.grad(loss))
+    for a, b in zip(jax.tree.leaves(grad(adapter, plain, x)), jax.tree.leaves(grad(adapter, packed, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    temp = grad.lower(adapter, packed, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < kernel.size / 2, (temp, kernel.size)  # less than the packed stack itself

@@ -16,7 +16,7 @@ from lrtt._factored._adapted import IN, OUT, STACK, View
 from lrtt._factored._lowrank import DotPlan, adapter_after, adapter_before, low_rank_branch
 from lrtt._jaxpr import reshape_groups, scan_counts
 from lrtt._paths import is_quantized
-from lrtt._quant import dequantize_leaf
+from lrtt._quant import dequantize_leaf, unpacked
 
 
 def _open(jaxpr) -> tuple[jcore.Jaxpr, tuple]:
@@ -88,6 +88,9 @@ def _w0_op(eqn, view, *operands):
             return w0.astype(eqn.params["new_dtype"])
         if name == "sharding_constraint":
             return w0  # a placement hint for the dense array; the quantized leaves keep theirs
+        if name == "dynamic_slice" and tuple(eqn.params["slice_sizes"])[-1] == w0.shape[-1]:
+            return _quantized_dynamic_slice(w0, list(operands), tuple(eqn.params["slice_sizes"]))
+        w0 = unpacked(w0)  # packed 4-bit values are sliced as bytes along any axis but the last only
         if name == "transpose":
             return w0.transpose(tuple(eqn.params["permutation"]))
         if name in ("reshape", "squeeze", "broadcast_in_dim"):
@@ -107,7 +110,8 @@ def _w0_op(eqn, view, *operands):
 
 def _quantized_dynamic_slice(w0, index: list, sizes: tuple):
     """A slice along stack axes of each array of a QArray: an axis a scale holds whole is sliced
-    with the values; an axis it holds once (size 1) is kept."""
+    with the values; an axis it holds once (size 1) is kept (and so is the last axis of packed
+    4-bit values, which the slice keeps whole)."""
     def cut(x):
         idx = [i if x.shape[a] == w0.shape[a] else jnp.zeros_like(i) for a, i in enumerate(index)]
         size = [n if x.shape[a] == w0.shape[a] else x.shape[a] for a, n in enumerate(sizes)]

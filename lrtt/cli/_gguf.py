@@ -10,9 +10,10 @@ rebuilds a byte-level BPE ``tokenizers`` tokenizer (:func:`tokenizer_from_gguf`)
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -235,10 +236,7 @@ def _tensor_f32(tensor) -> np.ndarray:
 def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """Convert a llama-architecture GGUF file to FlaxLlama params, config and tokenizer.
 
-    Every tensor is dequantized to float32. PyTorch/GGUF ``(out, in)`` weights become Flax
-    ``(in, out)`` kernels: ``kernel = W.T``; q and k first go through :func:`unpermute_rotary`
-    (with the query and the KV head count). A missing ``output.weight`` means tied embeddings:
-    ``lm_head/kernel = embed_tokens/embedding.T``, copied since FlaxLlama does not tie.
+    Every tensor is dequantized to float32 (:func:`gguf_llama_readers` reads them one at a time).
 
     Args:
       path: the ``.gguf`` file.
@@ -248,6 +246,26 @@ def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
       ``params`` flat ``{'/'-joined FlaxLlamaForCausalLM path: float32 array}``, e.g.
       ``model/layers/0/self_attn/q_proj/kernel: (hidden, n_heads * head_dim)``;
       ``tokenizer_json`` from :func:`tokenizer_from_gguf`.
+
+    Raises:
+      ValueError, ModuleNotFoundError: as :func:`gguf_llama_readers`.
+    """
+    config, readers, tokenizer_json = gguf_llama_readers(path)
+    return config, {name: read() for name, read in readers.items()}, tokenizer_json
+
+
+def gguf_llama_readers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Callable[[], np.ndarray]], str]:
+    """A llama-architecture GGUF file as FlaxLlama param names, each with a reader of its tensor.
+
+    Nothing is dequantized until a reader is called (the file is memory-mapped): reading and
+    quantizing one kernel at a time (:func:`lrtt.load_quantized`) never holds the model in float.
+    A reader dequantizes to float32; PyTorch/GGUF ``(out, in)`` weights become Flax ``(in, out)``
+    kernels: ``kernel = W.T``; q and k first go through :func:`unpermute_rotary` (with the query
+    and the KV head count). A missing ``output.weight`` means tied embeddings:
+    ``lm_head/kernel = embed_tokens/embedding.T``, a copy, since FlaxLlama does not tie.
+
+    Returns:
+      ``(config, readers, tokenizer_json)``: ``readers`` ``{'/'-joined path: () -> float32 array}``.
 
     Raises:
       ValueError: not a llama GGUF, a feature FlaxLlama cannot express, or an unknown tensor.
@@ -261,25 +279,29 @@ def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     config = _config_from_gguf(reader, len(reader.fields["tokenizer.ggml.tokens"].data))
     heads = {"n_heads": config["num_attention_heads"], "n_kv_heads": config["num_key_value_heads"]}
 
-    params: dict[str, np.ndarray] = {}
+    def transposed(tensor, rotary=None):
+        def read():
+            w = _tensor_f32(tensor)
+            if rotary is not None:
+                w = unpermute_rotary(w, heads[rotary])
+            return np.ascontiguousarray(w.T) if w.ndim == 2 else w
+        return read
+
+    readers: dict[str, Callable[[], np.ndarray]] = {}
     unknown = []
     for tensor in reader.tensors:
         name = tensor.name
         block = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
         if name == "token_embd.weight":
-            params["model/embed_tokens/embedding"] = _tensor_f32(tensor)
+            readers["model/embed_tokens/embedding"] = functools.partial(_tensor_f32, tensor)
+            n_rows = int(tensor.shape[-1])
         elif name == "output_norm.weight":
-            params["model/norm/weight"] = _tensor_f32(tensor)
+            readers["model/norm/weight"] = functools.partial(_tensor_f32, tensor)
         elif name == "output.weight":
-            params["lm_head/kernel"] = np.ascontiguousarray(_tensor_f32(tensor).T)
+            readers["lm_head/kernel"] = transposed(tensor)
         elif block and block.group(2) in _LAYER_TENSORS:
             flax_name, rotary = _LAYER_TENSORS[block.group(2)]
-            w = _tensor_f32(tensor)
-            if rotary is not None:
-                w = unpermute_rotary(w, heads[rotary])
-            if w.ndim == 2:
-                w = np.ascontiguousarray(w.T)
-            params[f"model/layers/{int(block.group(1))}/{flax_name}"] = w
+            readers[f"model/layers/{int(block.group(1))}/{flax_name}"] = transposed(tensor, rotary)
         else:
             unknown.append(name)
     if unknown:
@@ -287,9 +309,11 @@ def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"the GGUF holds tensors FlaxLlama has no place for: {unknown[:5]}"
             f"{' …' if len(unknown) > 5 else ''} (biases, rope_freqs or another architecture)."
         )
-    if "lm_head/kernel" not in params:
-        params["lm_head/kernel"] = np.ascontiguousarray(params["model/embed_tokens/embedding"].T)
-    n_rows = params["model/embed_tokens/embedding"].shape[0]
+    if "model/embed_tokens/embedding" not in readers:
+        raise ValueError("the GGUF has no token_embd.weight: not a complete llama model.")
+    if "lm_head/kernel" not in readers:
+        embedding = readers["model/embed_tokens/embedding"]
+        readers["lm_head/kernel"] = lambda: np.ascontiguousarray(embedding().T)
     if n_rows != config["vocab_size"]:
         raise ValueError(f"`llama.vocab_size` is {config['vocab_size']} but token_embd has {n_rows} rows.")
-    return config, params, tokenizer_json
+    return config, readers, tokenizer_json

@@ -397,3 +397,64 @@ def load_smollm2(*, cache_dir: str | os.PathLike | None = None, dtype: Any = jnp
         raise ModuleNotFoundError(_MISSING_GGUF, name="gguf")
     gguf_path = smollm2_gguf_path()
     return load_llama_gguf(gguf_path, cache_dir=cache_dir or smollm2_cache_dir(), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any Llama checkpoint, optionally quantized as it is read.
+
+
+def load_llama(source: str | os.PathLike, *, quantize: Mapping[str, Any] | None = None, dtype: Any = jnp.float32):
+    """A Llama-architecture checkpoint as ``(FlaxLlamaForCausalLM, params)``, read one tensor at a time.
+
+    ``source`` is a ``.gguf`` file (e.g. :func:`smollm2_gguf_path`) or a transformers
+    ``save_pretrained`` directory with safetensors (PyTorch or Flax names, sharded or not:
+    :mod:`lrtt.cli._safetensors_llama`). With ``quantize``, every linear kernel but the head is
+    quantized as soon as it is read (:func:`lrtt.load_quantized`), so the model never exists in
+    float: the peak is the quantized tree plus one float kernel.
+
+    Args:
+      source: the checkpoint.
+      quantize: ``None`` (float, as stored; a GGUF dequantized to float32) or the keyword
+        arguments of :func:`lrtt.load_quantized`: ``qtype`` (``"nf4"``, ``"int8"``, ``"int4"``),
+        ``block_size`` (default 64), ``targets`` (default ``"all-linear"``), ``scale_dtype``,
+        ``dtype`` (of the leaves left in float).
+      dtype: computation dtype of the Flax module.
+
+    Returns:
+      ``(model, params)``: the model built with ``_do_init=False`` (no weights drawn, and none
+      attached: a quantized tree runs through ``lrtt.factored``, not ``model(...)``); ``params``
+      the nested tree, ``qwix.QArray`` leaves where quantized.
+
+    Raises:
+      ValueError: a tensor the model has no place for, a missing one, or one of another shape
+        (the message names it); FileNotFoundError: no checkpoint at ``source``.
+    """
+    with needs_extra():
+        import transformers
+
+    import lrtt
+    from lrtt.cli._gguf import gguf_llama_readers
+    from lrtt.cli._safetensors_llama import safetensors_llama_readers
+
+    if os.fspath(source).endswith(".gguf"):
+        config, readers, _ = gguf_llama_readers(source)
+    else:
+        config, readers = safetensors_llama_readers(source)
+    known = {k for k in vars(transformers.LlamaConfig()) if not k.startswith("_")}
+    model = llama_class()(transformers.LlamaConfig(**{k: v for k, v in config.items() if k in known}),
+                          dtype=dtype, _do_init=False)
+    shapes = model.params_shape_tree
+    expected = {path for path, _ in lrtt._paths.named_leaves(shapes)}
+    problems = [f"missing {p}" for p in sorted(expected - readers.keys())]
+    problems += [f"unexpected {p}" for p in sorted(readers.keys() - expected)]
+    if problems:
+        raise ValueError(f"{os.fspath(source)!r} does not fit a Llama of its config ({len(problems)} problems): "
+                         f"{problems[:8]}")
+
+    def read(path):
+        return readers[path]()
+
+    if quantize is None:
+        params = lrtt._paths.nest({path: jnp.asarray(read(path)) for path in sorted(expected)})
+        return model, params
+    return model, lrtt.load_quantized(shapes, read, **dict(quantize))
