@@ -443,8 +443,10 @@ def load_llama(source: str | os.PathLike, *, quantize: Mapping[str, Any] | None 
     known = {k for k in vars(transformers.LlamaConfig()) if not k.startswith("_")}
     model = llama_class()(transformers.LlamaConfig(**{k: v for k, v in config.items() if k in known}),
                           dtype=dtype, _do_init=False)
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
     shapes = model.params_shape_tree
-    expected = {path for path, _ in lrtt._paths.named_leaves(shapes)}
+    expected = set(flatten_dict(shapes, sep="/"))
     problems = [f"missing {p}" for p in sorted(expected - readers.keys())]
     problems += [f"unexpected {p}" for p in sorted(readers.keys() - expected)]
     if problems:
@@ -455,6 +457,6 @@ def load_llama(source: str | os.PathLike, *, quantize: Mapping[str, Any] | None 
         return readers[path]()
 
     if quantize is None:
-        params = lrtt._paths.nest({path: jnp.asarray(read(path)) for path in sorted(expected)})
+        params = unflatten_dict({path: jnp.asarray(read(path)) for path in sorted(expected)}, sep="/")
         return model, params
     return model, lrtt.load_quantized(shapes, read, **dict(quantize))
