@@ -7,6 +7,7 @@ import io
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.ad_checkpoint import print_saved_residuals
 import pytest
 from conftest import model_logits, perturb, tiny_inputs, tiny_model
@@ -214,3 +215,36 @@ def test_packed_4bit_values_are_the_same_kernel_and_scan_slices_them_as_bytes(qt
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     temp = grad.lower(adapter, packed, x).compile().memory_analysis().temp_size_in_bytes
     assert temp < kernel.size / 2, (temp, kernel.size)  # less than the packed stack itself
+
+
+@pytest.mark.parametrize("rules", ["fsdp", "tensor"])
+def test_mesh_step_over_a_quantized_base_equals_jit_step(rules):
+    """The Mesh step takes a quantized base: each quantized kernel gets its spec on its values and
+    scales (an axis an array cannot split is replicated), its factors the kernel's own spec."""
+    from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
+
+    model, params = _quantized("llama")
+    params = lrtt.quantize(lrtt.dequantize(params), "all-linear", qtype="nf4", block_size=16, packed=True)
+    method = lrtt.LoRA(rank=4, targets="qv")
+    wide = AbstractMesh((8, 2), ("data", "model"))
+    specs = lrtt.train.param_specs(params, wide, rules)
+    q = specs["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]  # kernel (32, 32): scales (2, 32)
+    if rules == "fsdp":
+        assert q.qvalue.data == P("data", None) and q.scale == P(None, None)  # 2 blocks do not split 8 ways
+    else:
+        assert q.qvalue.data == P(None, "model") and q.scale == P(None, "model")
+
+    def loss_fn(logits, ids):
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    loss = lrtt.train.make_loss(method, lambda p, ids, _: model(ids, params=p).logits, loss_fn)
+    optimizer = optax.adam(1e-2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
+    adapter = method.init(jax.random.key(0), params)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    ms = lrtt.train.mesh_step(loss, optimizer, mesh, method=method, params=params, rules=rules)
+    state, value = ms.step(ms.put_state(lrtt.train.init_state(adapter, optimizer)), ms.put_params(params), ms.put_batch(ids))
+    ref_state, ref_value = lrtt.train.jit_step(loss, optimizer)(lrtt.train.init_state(adapter, optimizer), params, ids)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(state.adapter), jax.tree.leaves(ref_state.adapter)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lrtt import _families
 from lrtt._adapter import LoraFactors, Trainable, entries, is_entry
 from lrtt._count import adapter_shapes
-from lrtt._paths import exact_patterns, named_leaves, path_str
+from lrtt._paths import exact_patterns, is_quantized, named_leaves, path_str
 from lrtt._targets import first_match, select
 
 PARAM_RULE_PRESETS = ("replicated", "fsdp", "tensor")
@@ -112,7 +112,7 @@ def param_specs(params: Any, mesh: Mesh, rules: Any = None, *, layouts=(), data_
         spec = specs[path]
         _check_spec(path, tuple(leaf.shape), spec, mesh)
         out[path] = P(*spec)
-    return _like(params, out)
+    return _like(params, out, mesh)
 
 
 def _bias_spec(bias: Any, target: Any, out_index: int) -> tuple:
@@ -125,8 +125,32 @@ def _bias_spec(bias: Any, target: Any, out_index: int) -> tuple:
     return tuple(spec)
 
 
-def _like(tree: Any, by_path: dict[str, Any]) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda kp, _: by_path[path_str(kp)], tree)
+def _like(tree: Any, by_path: dict[str, Any], mesh: Any) -> Any:
+    """The specs in ``tree``'s structure; a quantized kernel gets a QArray of specs, its spec on
+    each of its arrays (values, scales) where the array's axis divides, else that axis replicated."""
+    def spec(keypath, leaf):
+        kernel_spec = by_path[path_str(keypath)]
+        if not is_quantized(leaf):
+            return kernel_spec
+        return jax.tree.map(lambda array: _fitting(kernel_spec, array.shape, mesh), leaf)
+
+    return jax.tree_util.tree_map_with_path(spec, tree, is_leaf=is_quantized)
+
+
+def _fitting(spec: P, shape: tuple, mesh: Any) -> P:
+    def size(name):
+        names = name if isinstance(name, tuple) else (name,)
+        return math.prod(mesh.shape[n] for n in names)
+
+    return P(*(n if n is None or shape[a] % size(n) == 0 else None for a, n in enumerate(tuple(spec))))
+
+
+def _kernel_spec(spec: Any) -> Any:
+    """A kernel's own spec: a quantized kernel's is its values' (packed values: the same axes)."""
+    if is_quantized(spec):
+        values = spec.qvalue
+        return getattr(values, "data", values)
+    return spec
 
 
 def _group_spec(specs: tuple) -> Any:
@@ -156,13 +180,13 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
         path = path_str(keypath)
         if isinstance(entry, LoraFactors) and path in targets:
             layout = targets[path].layout
-            spec = _spec_tuple(kernel_specs.get(path), layout.ndim)
+            spec = _spec_tuple(_kernel_spec(kernel_specs.get(path)), layout.ndim)
             stack, ins, outs = (tuple(spec[a] for a in layout.axes(k)) for k in ("layer", "in", "out"))
             a_spec = P(*stack, _group_spec(ins), None)
             b_spec = P(*stack, None, _group_spec(outs))
             return LoraFactors(a_spec, b_spec, scale=entry.scale)
         if isinstance(entry, Trainable):
-            return Trainable(kernel_specs.get(path, P()))
+            return Trainable(_kernel_spec(kernel_specs.get(path, P())))
         return jax.tree.map(lambda _: P(), entry)
 
     return jax.tree_util.tree_map_with_path(spec_of, adapter, is_leaf=is_entry)
