@@ -127,23 +127,14 @@ def _random_llama(base: str, scanned: bool):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
     import lrtt
-    from scan_llama import ScannedLlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA2_7B)
     rng = np.random.default_rng(0)
     keys = iter(jax.random.split(jax.random.key(0), 10_000))
     other_dtype = jnp.float32 if base == "float32" else jnp.bfloat16
     quantized = base in ("int8", "nf4")
-
-    if scanned:
-        model = ScannedLlamaForCausalLM(config)
-        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
-    else:
-        model = FlaxLlamaForCausalLM(config, _do_init=False, dtype=jnp.float32)
-        shapes = model.params_shape_tree
+    apply, shapes = _llama_model(scanned)
 
     def kernel(shape):
         return _quantized_kernel(rng, shape, base) if quantized else _float_kernel(next(keys), shape, other_dtype)
@@ -161,9 +152,24 @@ def _random_llama(base: str, scanned: bool):
             flat[path] = jnp.ones(s.shape, other_dtype)
         else:  # embedding and head: float (bf16 under a quantized base, as in QLoRA)
             flat[path] = _float_kernel(next(keys), s.shape, other_dtype)
-    params = lrtt._paths.nest(flat)
-    apply = (lambda p, ids: model.apply({"params": p}, ids)) if scanned else (lambda p, ids: model(ids, params=p).logits)
-    return apply, params
+    return apply, lrtt._paths.nest(flat)
+
+
+def _llama_model(scanned: bool):
+    """``(apply, param shapes)`` of the LLaMA-2-7B-shaped model, scanned or transformers' own."""
+    import jax
+    import jax.numpy as jnp
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    from scan_llama import ScannedLlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA2_7B)
+    if scanned:
+        model = ScannedLlamaForCausalLM(config)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+        return (lambda p, ids: model.apply({"params": p}, ids)), shapes
+    model = FlaxLlamaForCausalLM(config, _do_init=False, dtype=jnp.float32)
+    return (lambda p, ids: model(ids, params=p).logits), model.params_shape_tree
 
 
 def _smollm2(base: str, scanned: bool):
@@ -185,8 +191,8 @@ def _smollm2(base: str, scanned: bool):
     return (lambda p, ids: hf_model(ids, params=p).logits), params
 
 
-def case(model_name: str, base: str, forward: str) -> dict:
-    """One case in this process: build, two steps, measure."""
+def _step(model_apply, params, scanned: bool):
+    """``(step, state, batch)``: the jitted LoRA step, its fresh state and a batch of 128 ids."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -194,30 +200,55 @@ def case(model_name: str, base: str, forward: str) -> dict:
     import lrtt
     from scan_llama import LAYOUTS
 
-    jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
-    runtime_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the runtime alone
-    scanned = forward == "scanned"
-    if not scanned:
-        _remat_llama_layers()
-    t0 = time.perf_counter()
-    model_apply, params = (_random_llama if model_name == "llama2-7b" else _smollm2)(base, scanned)
-    built = time.perf_counter() - t0
     method = lrtt.LoRA(rank=8, targets="qv", layouts=LAYOUTS if scanned else ())
-    adapter = method.init(jax.random.key(0), params)
     optimizer = optax.adamw(1e-4)
-
-    def apply(p, batch, rng):
-        return model_apply(p, batch)
 
     def loss_fn(logits, batch):
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         return -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1).mean()
 
-    loss = lrtt.train.make_loss(method, apply, loss_fn, forward="factored")
-    step = lrtt.train.jit_step(loss, optimizer)
-    state = lrtt.train.init_state(adapter, optimizer)
+    loss = lrtt.train.make_loss(method, lambda p, batch, rng: model_apply(p, batch), loss_fn, forward="factored")
     vocab = params["lm_head"]["kernel"].shape[-1]
-    batch = jnp.asarray(jax.random.randint(jax.random.key(1), (1, 128), 3, vocab))
+    batch = jax.random.randint(jax.random.key(1), (1, 128), 3, vocab)
+    if isinstance(params["lm_head"]["kernel"], jax.ShapeDtypeStruct):  # shapes only
+        state = jax.eval_shape(lambda a: lrtt.train.init_state(a, optimizer), lrtt.adapter_shapes(method, params))
+    else:
+        state = lrtt.train.init_state(method.init(jax.random.key(0), params), optimizer)
+    return lrtt.train.jit_step(loss, optimizer), state, batch
+
+
+def _needed_bytes(base: str, scanned: bool) -> tuple[int, int]:
+    """``(arguments, temporaries)`` of the compiled 7B-shape step over a float base, from its
+    shapes alone (nothing allocated): a case that cannot fit is reported, not attempted."""
+    import jax
+
+    model_apply, shapes = _llama_model(scanned)
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, base), shapes)
+    step, state, batch = _step(model_apply, shapes, scanned)
+    analysis = step.lower(state, shapes, batch).compile().memory_analysis()
+    return int(analysis.argument_size_in_bytes), int(analysis.temp_size_in_bytes)
+
+
+def case(model_name: str, base: str, forward: str) -> dict:
+    """One case in this process: build, compile, three steps, measure."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+    runtime_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the runtime alone
+    scanned = forward == "scanned"
+    if model_name == "llama2-7b" and base in ("float32", "bfloat16"):
+        arguments, temporaries = _needed_bytes(base, scanned)
+        if arguments + temporaries > LIMIT_GIB * 2**30:
+            return {"model": model_name, "base": base, "forward": forward,
+                    "not_run": f"the compiled step needs {arguments / 2**30:.1f} GiB of arguments + "
+                               f"{temporaries / 2**30:.1f} GiB of XLA temporaries > {LIMIT_GIB:.0f} GiB"}
+    if not scanned:
+        _remat_llama_layers()
+    t0 = time.perf_counter()
+    model_apply, params = (_random_llama if model_name == "llama2-7b" else _smollm2)(base, scanned)
+    built = time.perf_counter() - t0
+    step, state, batch = _step(model_apply, params, scanned)
     start = time.perf_counter()
     compiled = step.lower(state, params, batch).compile()
     compile_s = time.perf_counter() - start
@@ -239,7 +270,7 @@ def case(model_name: str, base: str, forward: str) -> dict:
 
 def _fits(model_name: str, base: str) -> str | None:
     if model_name == "llama2-7b" and base == "float32":
-        return "float32 base alone is 27 GB > 24 GiB"
+        return "the float32 base alone is 27 GB > 24 GiB"
     return None
 
 
@@ -284,7 +315,11 @@ def main() -> None:
                     print(f"| {model_name} | {forward} | {base} | failed (exit {proc.returncode}): "
                           f"{tail[0][:160]} |", flush=True)
                     continue
-                print(_row(json.loads(line[len("RESULT "):])), flush=True)
+                result = json.loads(line[len("RESULT "):])
+                if "not_run" in result:
+                    print(f"| {model_name} | {forward} | {base} | not run: {result['not_run']} |", flush=True)
+                else:
+                    print(_row(result), flush=True)
 
 
 if __name__ == "__main__":
