@@ -30,6 +30,18 @@ Semantics (what a resumed run can rely on):
   earlier steps; ``restore(step=<earlier>)`` restores one of them. With ``fallback=True`` and no
   ``step``, the newest step that restores is used instead, with a warning naming each damaged
   one.
+
+Multi-process (one process per host, :func:`lrtt.train.initialize_distributed`): every process
+constructs the manager on the one directory (storage all hosts mount) and calls ``save`` and
+``restore`` with the same arguments, in the same order. Orbax writes each process's shards of the
+global arrays and only process 0 writes ``meta`` and commits the step (renames it into place);
+its barriers keep the processes in step. lrtt's checks read nothing a process does not hold: the
+finiteness flags and fingerprints are reduced on the devices to replicated scalars, so every
+process reaches the same decision (the same refusal, the same error) from the same inputs. (A
+read error that only one process meets, e.g. in a shard file only it reads, surfaces in the
+others as Orbax's barrier timeout.) A
+checkpoint restores onto any topology — other processes, other device counts, other shardings —
+since the arrays are stored whole, by index, and the fingerprints do not depend on the layout.
 """
 
 from __future__ import annotations
@@ -76,6 +88,12 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No checkpoint directory (``create=False``), or no committed step in it."""
 
 
+_PROCESS_LOCAL = (
+    "the {what} holds {n} array(s) that live on this process's devices only, e.g. {paths}, in a "
+    "job of {procs} processes: every process would write its own copy to the one checkpoint. "
+    "Save the global arrays the Mesh step works on: place the state with MeshStep.put_state "
+    "(or save state.adapter / state.opt_state as MeshStep.step returns them)."
+)
 MAX_DIFF_LINES = 12  # CheckpointMismatchError: the first differences shown, the rest counted
 LRTT_ITEMS = ("adapter", "meta")  # the items every lrtt step has (``opt_state`` is optional)
 
@@ -133,15 +151,26 @@ def _fingerprints(leaves: list) -> list:
     for x in leaves:
         w = _words(x)
         weight = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)]))
+        out.append((jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)))
     return out
 
 
 def fingerprints(flat: dict[str, Any]) -> dict[str, list[int]]:
-    """Two order-sensitive 32-bit checksums of every array's bits (computed on device, sharded)."""
+    """Two order-sensitive 32-bit checksums of every array's bits (computed on device, sharded).
+
+    The sums wrap around in uint32, so they do not depend on the order of the reduction: a
+    checkpoint's fingerprints hold for any sharding and any number of processes. Each result is a
+    scalar (replicated on every device of the computation), so every process reads it without
+    reading the arrays, which in a multi-process job no process holds whole.
+    """
     names = sorted(flat)
     values = _fingerprints([flat[n] for n in names])
-    return {n: [int(v) for v in np.asarray(jax.device_get(fp))] for n, fp in zip(names, values)}
+    return {n: [int(_scalar(v)) for v in fp] for n, fp in zip(names, values)}
+
+
+def _scalar(x: jax.Array) -> np.ndarray:
+    """A scalar result on the host; multi-process, it is replicated, so every process holds it."""
+    return np.asarray(x)
 
 
 def _jsonable(value: Any) -> Any:
@@ -229,12 +258,30 @@ def non_finite(flat: dict[str, Any]) -> list[str]:
     names = sorted(p for p, x in flat.items() if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact))
     if not names:
         return []
-    flags = jax.device_get(_finite([flat[n] for n in names]))
-    return [n for n, ok in zip(names, flags) if not bool(ok)]
+    flags = _finite([flat[n] for n in names])
+    return [n for n, ok in zip(names, flags) if not bool(_scalar(ok))]
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    """Where a leaf without a sharding is restored: the first local device; in a multi-process
+    job, replicated on every device (the same value in every process, as a global array)."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _check_global(flat: dict[str, Any], what: str) -> None:
+    """Multi-process: refuse process-local ``jax.Array`` leaves (each process would write its own)."""
+    if jax.process_count() == 1:
+        return
+    local = [p for p, x in flat.items() if isinstance(x, jax.Array) and x.is_fully_addressable]
+    if local:
+        raise ValueError(_PROCESS_LOCAL.format(what=what, n=len(local), paths=local[:4], procs=jax.process_count()))
 
 
 def _abstract(flat_like: dict[str, Any], shardings: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    default = _default_sharding()
     out = {}
     for path, leaf in flat_like.items():
         sharding = shardings.get(path) if isinstance(shardings, dict) else shardings
@@ -411,7 +458,9 @@ class CheckpointManager:
           NonFiniteError: a floating-point array of ``adapter`` or ``opt_state`` holds NaN or
             inf; nothing is written for ``step`` and the earlier steps are kept.
           ForeignCheckpointError: the directory holds Orbax steps lrtt did not write.
-          ValueError: ``adapter`` holds no adapter entry (e.g. the params were passed).
+          ValueError: ``adapter`` holds no adapter entry (e.g. the params were passed); in a
+            multi-process job, an array that lives on one process's devices only (place the
+            state with ``MeshStep.put_state`` first).
         """
         step = int(step)
         if not any(is_entry(e) for e in entries(adapter).values()):
@@ -422,6 +471,8 @@ class CheckpointManager:
             )
         flat_adapter = _flat(adapter, "adapter")
         flat_opt = _flat(opt_state, "optimizer state") if opt_state is not None else {}
+        _check_global(flat_adapter, "adapter")
+        _check_global(flat_opt, "optimizer state")
         self._check_finite(step, flat_adapter, flat_opt)
         self._check_own_steps()
         meta = {
@@ -584,7 +635,8 @@ class CheckpointManager:
           step: the step to restore; None: the latest committed one.
           adapter_like: an adapter of the expected structure: arrays, or ``ShapeDtypeStruct``
             (e.g. ``lrtt.adapter_shapes(method, params)``). Each array lands on the leaf's own
-            sharding when it has one, else on the first local device.
+            sharding when it has one, else on the first local device (in a multi-process job:
+            replicated on every device).
           opt_state_like: the optimizer state's structure (``jax.eval_shape(tx.init, adapter)``),
             or None to skip it.
           shardings: overrides the placement: one ``Sharding`` for every array, a pair of trees
@@ -594,7 +646,8 @@ class CheckpointManager:
             is damaged (a warning names each damaged step). Mismatches are never skipped.
 
         Returns:
-          :class:`Restored` ``(adapter, opt_state, step, data_position, rng)``.
+          :class:`Restored` ``(adapter, opt_state, step, data_position, rng)``; ``rng`` is a
+          process-local key, the same in every process (``MeshStep.put_state`` places it).
 
         Raises:
           CheckpointMismatchError, CheckpointCorruptError, ForeignCheckpointError (steps another

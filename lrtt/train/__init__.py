@@ -1,7 +1,9 @@
 """Training: steps that differentiate the adapter only (jit, pmap, jit + Mesh), their state,
-and the sharding rules of a Mesh. See :mod:`lrtt.train._steps` and :mod:`lrtt.train._sharding`."""
+the sharding rules of a Mesh, and joining a multi-process job. See :mod:`lrtt.train._steps`,
+:mod:`lrtt.train._sharding` and :mod:`lrtt.train._distributed`."""
 
 from lrtt._count import adapter_shapes as adapter_shapes
+from lrtt.train._distributed import Distributed as Distributed, initialize_distributed as initialize_distributed
 from lrtt.train._guard import DivergenceError as DivergenceError, nonfinite_counts as nonfinite_counts, skip_nonfinite as skip_nonfinite
 from lrtt.train._sharding import (
     PARAM_RULE_PRESETS as PARAM_RULE_PRESETS,
@@ -25,6 +27,7 @@ from lrtt.train._steps import (
 )
 
 __all__ = [
+    "Distributed",
     "DivergenceError",
     "FORWARDS",
     "MeshStep",
@@ -34,6 +37,7 @@ __all__ = [
     "adapter_shapes",
     "adapter_specs",
     "init_state",
+    "initialize_distributed",
     "jit_step",
     "make_loss",
     "mesh_step",

@@ -32,6 +32,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from lrtt._count import adapter_shapes
 from lrtt._factored._adapted import wrap
 from lrtt._factored._interpreter import factored
+from lrtt.train._distributed import is_multiprocess, local_rows, put_global, put_local
 from lrtt.train._guard import skip_nonfinite as guard_nonfinite
 from lrtt.train._sharding import adapter_specs, param_specs
 
@@ -321,21 +322,48 @@ def _auto_axes(mesh: Mesh) -> Mesh:
 
 
 class MeshStep(NamedTuple):
-    """A jitted Mesh step and the shardings its arguments must (and its outputs will) have."""
+    """A jitted Mesh step and the shardings its arguments must (and its outputs will) have.
+
+    The ``put_*`` helpers place host values on those shardings, in one process or in each of
+    the processes of a multi-host job (:func:`lrtt.train.initialize_distributed`):
+
+    * ``put_params(params)``, ``put_state(state)``: every process passes the same values (the
+      same weights, ``init_state`` with the same seed, the same ``restore``); each builds only
+      its own shards. Multi-process, ``verify=True`` gathers a CRC32 per leaf from every
+      process and raises ValueError if one differs.
+    * ``put_batch(batch)``: the whole global batch ``(B, ...)``, the same in every process.
+    * ``put_local_batch(local)``: this process's rows only, ``local_rows(B)`` of the global
+      batch (``B / jax.process_count()`` rows when the batch is split over every device); the
+      step sees the global batch ``(B, ...)``. This is the multi-host data path: no process
+      loads the others' data.
+    """
 
     step: Callable
     params_sharding: Any
     state_sharding: Any
     batch_sharding: NamedSharding
 
-    def put_params(self, params):
-        return jax.device_put(params, self.params_sharding)
+    def put_params(self, params, *, verify: bool = True):
+        if not is_multiprocess():
+            return jax.device_put(params, self.params_sharding)
+        return put_global(params, self.params_sharding, what="params", verify=verify)
 
-    def put_state(self, state):
-        return jax.device_put(state, self.state_sharding)
+    def put_state(self, state, *, verify: bool = True):
+        if not is_multiprocess():
+            return jax.device_put(state, self.state_sharding)
+        return put_global(state, self.state_sharding, what="state", verify=verify)
 
     def put_batch(self, batch):
-        return jax.device_put(batch, self.batch_sharding)
+        if not is_multiprocess():
+            return jax.device_put(batch, self.batch_sharding)
+        return put_global(batch, self.batch_sharding, what="batch", verify=False)
+
+    def put_local_batch(self, local):
+        return put_local(local, self.batch_sharding)
+
+    def local_rows(self, global_batch_size: int) -> slice:
+        """The rows of a global batch of ``global_batch_size`` this process feeds to ``put_local_batch``."""
+        return local_rows(self.batch_sharding, global_batch_size)
 
 
 def mesh_step(
@@ -367,7 +395,8 @@ def mesh_step(
 
     Returns:
       :class:`MeshStep` ``(step, params_sharding, state_sharding, batch_sharding)`` with helpers
-      ``put_params``, ``put_state``, ``put_batch``.
+      ``put_params``, ``put_state``, ``put_batch``, ``put_local_batch`` (a process's slice of
+      the global batch, multi-host) and ``local_rows``.
     """
     _check_accumulate(accumulate)
     mesh = _auto_axes(mesh)
