@@ -3,12 +3,17 @@
 Outputs of a run go under ``output.dir``: ``checkpoints/`` (Orbax, adapter + optimizer state
 only), ``metrics.jsonl`` (one JSON object per logged step or evaluation), ``curves.png``,
 ``summary.json`` and ``merged/`` (the export).
+
+Training runs data-parallel on a Mesh over every device of every process of the job
+(:mod:`lrtt.cli._cluster`); in a multi-process job process 0 alone writes those files but the
+checkpoints, which every process saves through Orbax.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -19,10 +24,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import lrtt
+from lrtt.cli import _cluster
+from lrtt.cli._cluster import Cluster
 from lrtt.cli._config import ConfigError, RunConfig
-from lrtt.cli._rundir import drop_metrics_after, locked, set_aside
+from lrtt.cli._rundir import drop_metrics_after, set_aside
 from lrtt.cli._tasks import Task, build_task, summarize
 from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
 
@@ -152,6 +160,9 @@ def train(config: RunConfig, *, progress: bool = True, restore: RestoreFrom = Re
     shapes, intact bytes) and the step count. Then ``config.json`` is written and training runs
     under the directory's writer lock.
 
+    In a multi-process job (joined with :func:`lrtt.cli._cluster.join` first) every process calls
+    this with the same config; process 0 holds the lock and writes the outputs.
+
     Raises:
       ConfigError, ValueError: a setting that does not fit (nothing in the directory changed).
       RunLockedError: another ``lrtt train`` holds the directory.
@@ -167,33 +178,43 @@ def train(config: RunConfig, *, progress: bool = True, restore: RestoreFrom = Re
         raise ConfigError(
             f"{merged} is a file where the merged export goes; move it away, or set output.export=false."
         )
+    cluster = _cluster.current()
+    _cluster.check_batch(config.train.batch_size, config.train.accumulate, cluster, jax.device_count())
     task = build_task(config)
-    state, step_fn = _training(config, method, task)
-    out.mkdir(parents=True, exist_ok=True)
-    with locked(out):
+    state, step, params = _training(config, method, task)
+    with _cluster.run_lock(out, cluster):
         manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
-        state, position, moved = _resume(config, manager, state, restore)
+        state, position, moved = _resume(config, manager, state, step, restore, cluster)
         if moved:  # steps were moved out of the directory: a fresh manager sees the new list
             manager.close()
             manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        _cluster.on_primary(cluster, lambda: (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2)))
         started = time.perf_counter()
         try:
-            state, skipped = _loop(config, method, task, state, step_fn, manager, position, progress=progress)
+            state, skipped = _loop(config, method, task, state, step, params, manager, position, cluster,
+                                   progress=progress)
         finally:
             manager.wait()
             manager.close()
         elapsed = time.perf_counter() - started
-        summary = _finish(config, method, task, state, elapsed)
+        adapter = _cluster.local_copy(state.adapter)
+        summary = _finish(config, method, task, adapter, int(state.step), elapsed)
         summary["skipped_steps"] = skipped
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
-    _report(config, method, task, summary)
+        _cluster.on_primary(cluster, lambda: _write_outputs(config, method, task, adapter, summary))
+        if "export" in summary:  # written by process 0, at the path every process knows
+            summary["export"] = str(out / "merged")
+    if cluster.primary:
+        _report(config, method, task, summary)
     return summary
 
 
-def _training(config: RunConfig, method: Any, task: Task):
-    """The fresh train state (adapter, AdamW state, step 0) and the jitted step of this run."""
+def _training(config: RunConfig, method: Any, task: Task) -> tuple[Any, Any, Any]:
+    """``(state, step, params)``: the fresh train state (adapter, AdamW state, step 0) placed on
+    the run's Mesh, its jitted :class:`lrtt.train.MeshStep` and the frozen params placed for it.
+
+    The Mesh is data-parallel over ``jax.devices()`` (every device of every process): the batch
+    is split over the devices, the params (a quantized base too) and the adapter are replicated.
+    """
     adapter = method.init(jax.random.key(config.train.seed), task.params)
     optimizer = lrtt.train.adamw(
         config.train.lr,
@@ -205,16 +226,21 @@ def _training(config: RunConfig, method: Any, task: Task):
     state = lrtt.train.init_state(adapter, optimizer, rng=config.train.seed)
     forward = config.train.forward if method.mergeable else "factored"
     loss = lrtt.train.make_loss(method, task.apply, task.loss, forward=forward)
-    return state, lrtt.train.jit_step(loss, optimizer, accumulate=config.train.accumulate)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    step = lrtt.train.mesh_step(loss, optimizer, mesh, method=method, params=task.params,
+                                accumulate=config.train.accumulate)
+    return step.put_state(state), step, step.put_params(task.params)
 
 
-def _resume(config: RunConfig, manager: Any, state: Any, restore: RestoreFrom) -> tuple[Any, tuple[int, int], bool]:
-    """``(state, (epoch, index), moved)`` from the checkpoint ``restore`` names, or the fresh
-    state at (0, 0); ``moved``: later steps were set aside.
+def _resume(config: RunConfig, manager: Any, state: Any, step: Any, restore: RestoreFrom,
+            cluster: Cluster) -> tuple[Any, tuple[int, int], bool]:
+    """``(state, (epoch, index), moved)`` from the checkpoint ``restore`` names (placed by the
+    Mesh ``step``), or the fresh state at (0, 0); ``moved``: later steps were set aside.
 
     Checkpoints newer than the one restored (an earlier ``--restore-step``, or damaged ones
     skipped by ``--fallback``) are moved to ``<run>/discarded/`` so training can write those steps
     anew; nothing is deleted. The metrics of steps after it are dropped (they are replayed).
+    Every process restores; process 0 moves and drops, after every process has listed the steps.
 
     Raises:
       ConfigError: the run is already past ``train.steps``, or a restore option without checkpoints.
@@ -228,7 +254,7 @@ def _resume(config: RunConfig, manager: Any, state: Any, restore: RestoreFrom) -
         return state, (0, 0), False
     with _cli_advice(manager):
         restored = manager.restore(adapter_like=state.adapter, opt_state_like=state.opt_state,
-                                   step=restore.step, fallback=restore.fallback)
+                                   shardings=step.state_sharding, step=restore.step, fallback=restore.fallback)
     if restored.step > config.train.steps:
         raise ConfigError(
             f"{out} is at step {restored.step}, past `train.steps`={config.train.steps}: there is nothing "
@@ -236,53 +262,66 @@ def _resume(config: RunConfig, manager: Any, state: Any, restore: RestoreFrom) -
             "on this run."
         )
     later = [s for s in steps if s > restored.step]
-    moved = set_aside(Path(manager.directory), later, out)
-    if moved is not None:
-        print(f"checkpoints {later} moved to {moved} (kept, not deleted): training continues from step {restored.step}")
-    dropped = drop_metrics_after(out / "metrics.jsonl", restored.step)
+    _cluster.barrier(cluster)  # every process has listed the steps before process 0 moves any
+    _cluster.on_primary(cluster, lambda: _tidy_after(out, Path(manager.directory), later, restored.step))
     state = lrtt.train.TrainState(restored.adapter, restored.opt_state, jnp.asarray(restored.step, jnp.int32), restored.rng)
-    print(f"resuming {out} from step {restored.step}" + (f" ({dropped} metric records of later steps dropped)" if dropped else ""))
-    return state, (restored.data_position["epoch"], restored.data_position["index"]), moved is not None
+    return step.put_state(state), (restored.data_position["epoch"], restored.data_position["index"]), bool(later)
 
 
-def _loop(config, method, task, state, step_fn, manager, position, *, progress: bool) -> tuple[Any, int]:
+def _tidy_after(out: Path, checkpoints: Path, later: list[int], step: int) -> None:
+    """Set the checkpoints ``later`` than ``step`` aside and drop the metrics after it (saying so)."""
+    moved = set_aside(checkpoints, later, out)
+    if moved is not None:
+        print(f"checkpoints {later} moved to {moved} (kept, not deleted): training continues from step {step}")
+    dropped = drop_metrics_after(out / "metrics.jsonl", step)
+    print(f"resuming {out} from step {step}" + (f" ({dropped} metric records of later steps dropped)" if dropped else ""))
+
+
+def _loop(config, method, task, state, mesh_step, params, manager, position, cluster: Cluster, *,
+          progress: bool) -> tuple[Any, int]:
     """Steps up to ``config.train.steps``: log each, evaluate and checkpoint on schedule.
 
-    A step whose loss or update is not finite is never applied (the optimizer skips it on
-    device); here it stops the run (``train.on_nonfinite=stop``) or is counted and logged
-    (``skip``, up to ``train.max_skips`` in a row). Returns ``(state, skipped steps)``.
+    Each process feeds its rows of every global batch (``MeshStep.local_rows``) and evaluates
+    on its own copy of the adapter; process 0 alone logs and shows progress. A step whose loss
+    or update is not finite is never applied (the optimizer skips it on device); here it stops
+    the run (``train.on_nonfinite=stop``) or is counted and logged (``skip``, up to
+    ``train.max_skips`` in a row). Returns ``(state, skipped steps)``.
     """
     from tqdm.auto import tqdm
 
-    metrics_path = Path(config.output.dir) / "metrics.jsonl"
+    log = functools.partial(_log, Path(config.output.dir) / "metrics.jsonl") if cluster.primary else lambda record: None
     step = int(state.step)
     started = time.perf_counter()
     data = _batch_iterator(task.splits["train"], config.train.batch_size, config.data.seed, position)
+    rows = mesh_step.local_rows(config.train.batch_size)
     # Redirected to a file or a CI log, the bar redraws every 30 s instead of at every step.
     redraw = 0.1 if sys.stderr.isatty() else 30.0
-    bar = tqdm(total=config.train.steps, initial=step, disable=not progress, desc=f"{config.method_name}", unit="step",
-               mininterval=redraw)
+    bar = tqdm(total=config.train.steps, initial=step, disable=not (progress and cluster.primary),
+               desc=f"{config.method_name}", unit="step", mininterval=redraw)
     skipped = 0
     try:
         while step < config.train.steps:
             batch, position = next(data)
-            state, loss_value = step_fn(state, task.params, batch)
+            local = mesh_step.put_local_batch({k: v[rows] for k, v in batch.items()})
+            state, loss_value = mesh_step.step(state, params, local)
             step += 1
             loss_value, (consecutive, _) = jax.device_get((loss_value, lrtt.train.nonfinite_counts(state.opt_state)))
             loss_value, consecutive = float(loss_value), int(consecutive)
             if consecutive or not math.isfinite(loss_value):
                 skipped += 1
-                _log(metrics_path, {"kind": "skipped", "step": step, "loss": repr(loss_value)})
-                _check_divergence(config, manager, step, loss_value, consecutive)
+                log({"kind": "skipped", "step": step, "loss": repr(loss_value)})
+                _check_divergence(config, manager, step, loss_value, consecutive, cluster)
                 bar.update(1)
                 continue
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # drawn by update(), at its interval
             bar.update(1)
-            _log(metrics_path, {"kind": "train", "step": step, "loss": loss_value, "time": time.perf_counter() - started})
+            log({"kind": "train", "step": step, "loss": loss_value, "time": time.perf_counter() - started})
             if step % config.train.eval_every == 0 or step == config.train.steps:
-                result = evaluate_split(task, method, state.adapter, "validation", config.train.eval_batch_size)
-                _log(metrics_path, {"kind": "eval", "split": "validation", "step": step, **result})
-                bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                adapter = _cluster.local_copy(state.adapter)
+                result = evaluate_split(task, method, adapter, "validation", config.train.eval_batch_size)
+                log({"kind": "eval", "split": "validation", "step": step, **result})
+                if cluster.primary:
+                    bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             if step % config.output.save_every == 0 or step == config.train.steps:
                 manager.save(step, state.adapter, state.opt_state, data_position={"epoch": position[0], "index": position[1]}, rng=state.rng)
     finally:
@@ -290,10 +329,13 @@ def _loop(config, method, task, state, step_fn, manager, position, *, progress: 
     return state, skipped
 
 
-def _check_divergence(config: RunConfig, manager: Any, step: int, loss: float, consecutive: int) -> None:
-    """Raise :class:`lrtt.train.DivergenceError` unless ``train.on_nonfinite=skip`` allows one more skip."""
+def _check_divergence(config: RunConfig, manager: Any, step: int, loss: float, consecutive: int,
+                      cluster: Cluster) -> None:
+    """Raise :class:`lrtt.train.DivergenceError` unless ``train.on_nonfinite=skip`` allows one more
+    skip (every process sees the same loss, so all of them decide alike; process 0 reports)."""
     if config.train.on_nonfinite == "skip" and consecutive <= config.train.max_skips:
-        print(f"step {step}: non-finite loss or update (loss {loss!r}); step skipped, not applied", file=sys.stderr)
+        if cluster.primary:
+            print(f"step {step}: non-finite loss or update (loss {loss!r}); step skipped, not applied", file=sys.stderr)
         return
     manager.wait()
     last = manager.latest_step()
@@ -307,21 +349,31 @@ def _check_divergence(config: RunConfig, manager: Any, step: int, loss: float, c
     )
 
 
-def _finish(config: RunConfig, method: Any, task: Task, state: Any, elapsed: float) -> dict:
-    """The summary: test metrics, counts, time, and the merged export when the method merges."""
-    test = evaluate_split(task, method, state.adapter, "test", config.train.eval_batch_size)
+def _finish(config: RunConfig, method: Any, task: Task, adapter: Any, steps: int, elapsed: float) -> dict:
+    """The summary: test metrics, counts, time; ``export`` (a placeholder until
+    :func:`_write_outputs` writes it) when the method merges and ``output.export`` is on."""
+    test = evaluate_split(task, method, adapter, "test", config.train.eval_batch_size)
     summary = {
         "config": config.to_dict(),
         "method": method.to_config(),
-        "trainable_params": lrtt.num_params(state.adapter),
+        "trainable_params": lrtt.num_params(adapter),
         "base_params": lrtt.num_params(task.params),
         "test": test,
         "train_seconds": elapsed,
-        "steps": int(state.step),
+        "steps": steps,
     }
     if config.output.export and method.mergeable:
-        summary["export"] = str(export(config, method=method, task=task, adapter=state.adapter))
+        summary["export"] = None
     return summary
+
+
+def _write_outputs(config: RunConfig, method: Any, task: Task, adapter: Any, summary: dict) -> None:
+    """The merged export (when the summary has one), ``summary.json`` and ``curves.png``."""
+    out = Path(config.output.dir)
+    if "export" in summary:
+        summary["export"] = str(export(config, method=method, task=task, adapter=adapter))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
 
 
 def _report(config: RunConfig, method: Any, task: Task, summary: dict) -> None:

@@ -1,6 +1,7 @@
 """The ``lrtt`` command: ``train``, ``eval``, ``export`` and ``count`` on a YAML config.
 
     lrtt train configs/minilm_bbc_loretta_rep.yaml --set train.steps=100
+    lrtt train CONFIG --coordinator-address 10.0.0.2:8476 --num-processes 2 --process-id 0   # host 0 of 2
     lrtt eval configs/minilm_bbc_loretta_rep.yaml --split test
     lrtt export configs/minilm_bbc_loretta_rep.yaml --out merged/
     lrtt count configs/smollm2_bbc_loretta_rep.yaml
@@ -48,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
 
     train = restore_options(add("train", "train (or resume) the run of a config"))
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    job = train.add_argument_group(
+        "multi-process job (one process per host, every one running this command)",
+        "default: the variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; none set: one process",
+    )
+    job.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                     help="process 0's address and a free port on it (the same in every process)")
+    job.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the job")
+    job.add_argument("--process-id", type=int, default=None, metavar="I", help="this process: 0 .. N-1")
     evaluate = restore_options(add("eval", "evaluate the run's latest checkpoint"))
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
     export = restore_options(add("export", "write the merged params of the run's latest checkpoint"))
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         config = _config.load(args.config, args.overrides)
         restore = _job.RestoreFrom(getattr(args, "restore_step", None), getattr(args, "fallback", False))
         if args.command == "train":
+            from lrtt.cli import _cluster
+
+            _cluster.join(args.coordinator_address, args.num_processes, args.process_id)
             _job.train(config, progress=not args.no_progress, restore=restore)
         elif args.command == "eval":
             print(json.dumps(_job.evaluate(config, args.split, restore), indent=2))
