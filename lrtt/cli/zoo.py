@@ -261,12 +261,17 @@ def build_llama(config: dict[str, Any], params: dict[str, Any], *, dtype: Any = 
     Raises:
       ValueError: a param is missing, unexpected or of the wrong shape (each listed).
     """
+    model = _llama_without_params(config, dtype)
+    _attach_params(model, params)
+    return model
+
+
+def _llama_without_params(config: dict[str, Any], dtype: Any):
+    """``llama_class()`` of ``config`` built with ``_do_init=False``: no weights drawn or attached."""
     with needs_extra():
         import transformers
 
-    model = llama_class()(transformers.LlamaConfig(**config), dtype=dtype, _do_init=False)
-    _attach_params(model, params)
-    return model
+    return llama_class()(transformers.LlamaConfig(**config), dtype=dtype, _do_init=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,9 +434,6 @@ def load_llama(source: str | os.PathLike, *, quantize: Mapping[str, Any] | None 
       ValueError: a tensor the model has no place for, a missing one, or one of another shape
         (the message names it); FileNotFoundError: no checkpoint at ``source``.
     """
-    with needs_extra():
-        import transformers
-
     import lrtt
     from lrtt.cli._gguf import gguf_llama_readers
     from lrtt.cli._safetensors_llama import safetensors_llama_readers
@@ -440,10 +442,9 @@ def load_llama(source: str | os.PathLike, *, quantize: Mapping[str, Any] | None 
         config, readers, _ = gguf_llama_readers(source)
     else:
         config, readers = safetensors_llama_readers(source)
-    known = {k for k in vars(transformers.LlamaConfig()) if not k.startswith("_")}
-    model = llama_class()(transformers.LlamaConfig(**{k: v for k, v in config.items() if k in known}),
-                          dtype=dtype, _do_init=False)
     from flax.traverse_util import flatten_dict, unflatten_dict
+
+    model = _llama_without_params(config, dtype)
 
     shapes = model.params_shape_tree
     expected = set(flatten_dict(shapes, sep="/"))
