@@ -18,7 +18,8 @@ layer's kernels exist in float at a time. ``unrolled`` runs transformers' FlaxLl
 with each layer remat'ed, where XLA's CPU schedule keeps every kernel's float form at once.
 Quantized bases: every linear kernel but the head, blocks of 64 (``lrtt.quantize``); under the
 scan, 4-bit values are held two to a byte (``packed=True``: XLA's CPU backend would otherwise
-widen the whole stacked ``uint4`` array to a byte per value before its loop). Computation
+widen the whole stacked ``uint4`` array to a byte per value before its loop;
+``--forward scanned-unpacked`` measures that). Computation
 is float32 in every case (a bf16 or quantized kernel is converted at its matmul).
 
     python benchmarks/memory.py                              # every case that fits
@@ -45,7 +46,7 @@ sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # lrtt, and scan_llama beside t
 
 BASES = ("float32", "bfloat16", "int8", "nf4")
 MODELS = ("smollm2", "llama2-7b")
-FORWARDS = ("scanned", "unrolled")
+FORWARDS = ("scanned", "scanned-unpacked", "unrolled")
 LIMIT_GIB = 24.0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -83,7 +84,7 @@ def _remat_llama_layers() -> None:
     llama.FlaxLlamaDecoderLayer = CheckpointedLayer
 
 
-def _quantized_kernel(rng, shape, base: str):
+def _quantized_kernel(rng, shape, base: str, packed: bool):
     """A random kernel drawn directly in the quantized form: uniform codes and scales of the size
     absmax-scaling gives a ``N(0, 0.02²)`` kernel in blocks of 64 inputs (about 2.4 sigma), with
     the structure ``lrtt.quantize`` makes (``tests/test_scan_llama.py``): the memory and the
@@ -100,7 +101,7 @@ def _quantized_kernel(rng, shape, base: str):
     ones = jnp.ones((*stack, 64, n_out))
     if stack:  # one layer of a stacked kernel, (1, in, out)
         tree = lrtt.quantize({"model": {"layers": {"k": {"kernel": ones}}}}, "model/layers/k/kernel",
-                             qtype=base, block_size=64, layouts=LAYOUTS, packed=True)
+                             qtype=base, block_size=64, layouts=LAYOUTS, packed=packed)
         template = tree["model"]["layers"]["k"]["kernel"]
     else:
         template = lrtt.quantize({"k": ones}, "k", qtype=base, block_size=64)["k"]
@@ -121,7 +122,7 @@ def _float_kernel(key, shape, dtype):
     return 0.02 * jax.random.normal(key, shape, dtype)
 
 
-def _random_llama(base: str, scanned: bool):
+def _random_llama(base: str, scanned: bool, packed: bool):
     """LLaMA-2-7B-shaped params, one kernel at a time, each already in the base's form; scanned:
     each layer kernel drawn one layer at a time and joined on a leading axis."""
     import jax
@@ -137,7 +138,7 @@ def _random_llama(base: str, scanned: bool):
     apply, shapes = _llama_model(scanned)
 
     def kernel(shape):
-        return _quantized_kernel(rng, shape, base) if quantized else _float_kernel(next(keys), shape, other_dtype)
+        return _quantized_kernel(rng, shape, base, packed) if quantized else _float_kernel(next(keys), shape, other_dtype)
 
     flat = {}
     for path, s in lrtt._paths.named_leaves(shapes):
@@ -172,7 +173,7 @@ def _llama_model(scanned: bool):
     return (lambda p, ids: model(ids, params=p).logits), model.params_shape_tree
 
 
-def _smollm2(base: str, scanned: bool):
+def _smollm2(base: str, scanned: bool, packed: bool):
     """SmolLM2-135M from its GGUF; a quantized base is quantized as it is read (``load_llama``)."""
     import jax
     import jax.numpy as jnp
@@ -180,7 +181,7 @@ def _smollm2(base: str, scanned: bool):
     from lrtt.cli import zoo
     from scan_llama import ScannedLlamaForCausalLM, stack_layers
 
-    quantize = dict(qtype=base, block_size=64, packed=scanned) if base in ("int8", "nf4") else None
+    quantize = dict(qtype=base, block_size=64, packed=packed) if base in ("int8", "nf4") else None
     hf_model, params = zoo.load_llama(zoo.smollm2_gguf_path(), quantize=quantize)
     if base == "bfloat16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -236,7 +237,7 @@ def case(model_name: str, base: str, forward: str) -> dict:
 
     jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
     runtime_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the runtime alone
-    scanned = forward == "scanned"
+    scanned, packed = forward.startswith("scanned"), forward == "scanned"
     if model_name == "llama2-7b" and base in ("float32", "bfloat16"):
         arguments, temporaries = _needed_bytes(base, scanned)
         if arguments + temporaries > LIMIT_GIB * 2**30:
@@ -246,7 +247,7 @@ def case(model_name: str, base: str, forward: str) -> dict:
     if not scanned:
         _remat_llama_layers()
     t0 = time.perf_counter()
-    model_apply, params = (_random_llama if model_name == "llama2-7b" else _smollm2)(base, scanned)
+    model_apply, params = (_random_llama if model_name == "llama2-7b" else _smollm2)(base, scanned, packed)
     built = time.perf_counter() - t0
     step, state, batch = _step(model_apply, params, scanned)
     start = time.perf_counter()
@@ -290,7 +291,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--bases", nargs="*", default=list(BASES), choices=BASES)
     parser.add_argument("--forward", nargs="*", default=["scanned"], choices=FORWARDS,
-                        help="scanned: the layers under nn.scan (benchmarks/scan_llama.py); "
+                        help="scanned: the layers under nn.scan (benchmarks/scan_llama.py), 4-bit values "
+                             "packed two to a byte; scanned-unpacked: the same with uint4 values; "
                              "unrolled: transformers' FlaxLlamaForCausalLM with each layer remat'ed")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # run one case here (the child)
     args = parser.parse_args()

@@ -52,7 +52,7 @@ def test_layouts_are_what_discover_reads(llama):
 def test_random_quantized_kernels_have_quantizes_structure(base):
     import memory  # benchmarks/memory.py
 
-    drawn = memory._quantized_kernel(np.random.default_rng(0), (1, 128, 32), base)
+    drawn = memory._quantized_kernel(np.random.default_rng(0), (1, 128, 32), base, packed=True)
     made = lrtt.quantize({"model": {"layers": {"k": {"kernel": jnp.ones((1, 128, 32))}}}}, "model/layers/k/kernel",
                          qtype=base, block_size=64, layouts=LAYOUTS, packed=True)["model"]["layers"]["k"]["kernel"]
     assert jax.tree.structure(drawn) == jax.tree.structure(made)
