@@ -213,6 +213,11 @@ def _plan(params, targets, qtype, block_size, layouts, scale_dtype, packed) -> d
                 )
             tiled = {axis: block_size}
             channelwise += [a for a in ins if a != axis]
+        if packed and qtype in ("nf4", "int4") and target.shape[-1] % 2:
+            raise ValueError(
+                f"cannot pack the {qtype} values of {target.path!r} of shape {target.shape} two to a byte: its "
+                "last axis is odd. Pass packed=False, or leave this leaf out of `targets`."
+            )
         plan[target.path] = functools.partial(
             _quantize_in_chunks, qwix, kind=kind, channelwise=tuple(channelwise), tiled=tiled or None,
             scale_dtype=scale_dtype, out_axes=target.layout.axes("out"), packed=packed)

@@ -43,6 +43,8 @@ def test_quantize_refuses_a_block_size_that_does_not_divide_and_an_unknown_forma
         lrtt.quantize(params, "w")
     with pytest.raises(ValueError, match="`qtype` must be one of"):
         lrtt.quantize(params, "w", qtype="fp3")
+    with pytest.raises(ValueError, match=r"cannot pack the nf4 values of 'v' of shape \(64, 7\).*packed=False"):
+        lrtt.quantize({"v": jnp.ones((64, 7))}, "v", packed=True)
 
 
 def _quantized(family, qtype="nf4"):
