@@ -2,6 +2,7 @@
 or pattern, and the fix; a failing call leaves every file on disk byte for byte as it was."""
 
 import hashlib
+import json
 import os
 import re
 
@@ -352,7 +353,9 @@ def test_an_export_that_does_not_read_back_is_an_error_and_the_previous_export_i
     adapter = method.init(jax.random.key(0), params)
     path = tmp_path / "merged"
     path.mkdir()
-    (path / "config.json").write_text("{}")
+    (path / "config.json").write_text("{}")  # an earlier lrtt export (with its manifest)
+    manifest = {"format": "lrtt-merged-export", "version": 1, "source": None, "files": {"config.json": 2}}
+    (path / "lrtt-export.json").write_text(json.dumps(manifest))
     before = {f.name: f.read_bytes() for f in path.iterdir()}
 
     class WritesNothing:  # a save_pretrained that fails without raising (as with a full disk)

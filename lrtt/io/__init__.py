@@ -6,10 +6,12 @@ from lrtt.io._checkpoint import (
     CheckpointManager,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    CheckpointPathError,
+    CheckpointWriteError,
     ForeignCheckpointError,
     NonFiniteError,
 )
-from lrtt.io._export import ExportError, export_merged, load_merged
+from lrtt.io._export import ExportError, ExportTarget, check_export_target, export_merged, inspect_export, load_merged
 from lrtt.io._peft import PeftFileError, load_peft, save_peft
 
 __all__ = [
@@ -18,11 +20,16 @@ __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointPathError",
+    "CheckpointWriteError",
     "ExportError",
+    "ExportTarget",
     "ForeignCheckpointError",
     "NonFiniteError",
     "PeftFileError",
+    "check_export_target",
     "export_merged",
+    "inspect_export",
     "load_merged",
     "load_peft",
     "save_peft",

@@ -12,8 +12,19 @@ Semantics (what a resumed run can rely on):
 * Saves are asynchronous (``async_save=True``): ``save`` returns once the arrays are copied off
   the devices; ``wait()`` blocks until the last save is committed. Orbax writes each step into a
   temporary directory and renames it on commit, so a process killed mid-save leaves no step
-  behind (the temporary directory is ignored, and removed when the next manager opens).
+  behind (the temporary directory is ignored, and removed when the next writer opens).
 * The last ``max_to_keep`` committed steps are kept; nothing is deleted on an error.
+* A reader (``create=False``: evaluating or exporting, possibly while the run still saves) never
+  modifies the directory: Orbax opens it read-only, and a writer's in-flight temporary
+  directory is left alone. Only a writer (``create=True``) removes temporary directories.
+* A save that cannot be written (disk full, read-only filesystem, no permission) raises
+  :class:`CheckpointWriteError` (an ``OSError`` naming the step directory, the bytes needed and
+  free): from ``save`` — which first refuses a step that does not fit in the free space — or,
+  for an asynchronous save's background commit, from the next ``save``/``wait``/``close`` or
+  from ``check_save()``, which never blocks. The failed step's temporary directory is removed,
+  the committed steps are kept, and a later save works once space is freed.
+* A directory whose path Orbax cannot save under (``[...]``: Orbax globs it; ``\\``: TensorStore
+  splits on it) is refused when the manager is constructed (:class:`CheckpointPathError`).
 * ``save`` refuses a step whose adapter or optimizer state holds NaN or inf
   (:class:`NonFiniteError`; nothing is written for it), so every checkpoint is finite and the
   rotation never deletes the last finite one. It also refuses a directory that holds Orbax steps
@@ -47,8 +58,13 @@ since the arrays are stored whole, by index, and the fingerprints do not depend 
 from __future__ import annotations
 
 import dataclasses
+import errno as errno_lib
+import fnmatch
 import json
 import os
+import re
+import shutil
+import time
 import warnings
 from typing import Any, NamedTuple
 
@@ -88,6 +104,41 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No checkpoint directory (``create=False``), or no committed step in it."""
 
 
+class CheckpointPathError(ValueError):
+    """The checkpoint directory's path holds a character Orbax cannot save under (refused up front)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint step could not be written: disk full, read-only filesystem, no permission, ...
+
+    Raised by ``save`` (a synchronous failure, or the pre-check: not enough free space), or by
+    the next ``save``/``wait``/``close``/``check_save`` for a failure of an asynchronous save's
+    background commit. The failed step's temporary directory is removed and the committed steps
+    are kept.
+
+    Attributes:
+      path: the step directory that was being written (``<directory>/<step>``).
+      step: the step.
+      needed: the bytes the step needs (an estimate: its arrays, metadata and Orbax's files).
+      free: the bytes free on that filesystem when the save failed, or None if unknown.
+      errno: the OS error number (``errno.ENOSPC`` for the pre-check), or None.
+      filename: ``path``.
+    """
+
+    def __init__(self, message: str, path: str | None = None, step: int | None = None,
+                 needed: int | None = None, free: int | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.message, self.path, self.step, self.needed, self.free = message, path, step, needed, free
+        self.errno, self.filename = errno, path
+        self.strerror = os.strerror(errno) if errno else None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.message, self.path, self.step, self.needed, self.free, self.errno)
+
+
 _PROCESS_LOCAL = (
     "the {what} holds {n} array(s) that live on this process's devices only, e.g. {paths}, in a "
     "job of {procs} processes: every process would write its own copy to the one checkpoint. "
@@ -95,6 +146,8 @@ _PROCESS_LOCAL = (
     "(or save state.adapter / state.opt_state as MeshStep.step returns them)."
 )
 MAX_DIFF_LINES = 12  # CheckpointMismatchError: the first differences shown, the rest counted
+VANISHED_RETRIES = 3  # a reader's restore(): steps deleted under it by a writer, then it gives up
+LISTING_RETRIES = 5  # Orbax listing the steps while a writer deletes one: tries again this often
 LRTT_ITEMS = ("adapter", "meta")  # the items every lrtt step has (``opt_state`` is optional)
 
 
@@ -340,6 +393,144 @@ def _check_directory(directory: str, create: bool) -> None:
         )
 
 
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def _check_path(directory: str) -> None:
+    """Refuse a path Orbax cannot save under, before anything is written.
+
+    Orbax finds the files of a step with Python's ``glob`` on the full path, so a component that
+    is not matched by itself as a glob pattern (``[x]`` matches ``x``, not ``[x]``) makes every
+    step it writes unrestorable; ``*`` and ``?`` match themselves and are fine. TensorStore reads
+    ``\\`` as a path separator and would write the arrays outside ``directory``.
+
+    Raises:
+      CheckpointPathError: ``directory`` holds ``\\``, or a component with ``[...]``.
+    """
+    if "\\" in directory:
+        fixed = directory.replace("\\", "_")
+        raise CheckpointPathError(
+            f"lrtt.CheckpointManager cannot use the directory {directory}: it holds the character "
+            "'\\', which TensorStore (Orbax's storage layer) reads as a path separator, so the "
+            "arrays would be written outside it and no step would restore. Choose a directory "
+            f"name without '\\' (e.g. {fixed}); nothing was written."
+        )
+    for part in directory.split(os.sep):
+        if _GLOB_MAGIC.search(part) and not fnmatch.fnmatchcase(part, part):
+            fixed = directory.replace("[", "(").replace("]", ")")
+            raise CheckpointPathError(
+                f"lrtt.CheckpointManager cannot use the directory {directory}: its component "
+                f"{part!r} holds the characters '[' and ']', which Orbax reads as a glob pattern "
+                "when it finds a step's files, so every step saved there would be unrestorable. "
+                f"Choose a directory name without '[' and ']' (e.g. {fixed}; rename the directory "
+                "to read steps copied there); nothing was written."
+            )
+
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's in-flight step: "<step>.orbax-checkpoint-tmp[-<time>]"
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # TensorStore's errors carry the errno so
+_OS_ERROR_TEXT = {  # ... or only the strerror text
+    "No space left on device": errno_lib.ENOSPC,
+    "Disk quota exceeded": errno_lib.EDQUOT,
+    "Read-only file system": errno_lib.EROFS,
+    "Permission denied": errno_lib.EACCES,
+    "Operation not permitted": errno_lib.EPERM,
+}
+_NO_SPACE = (errno_lib.ENOSPC, errno_lib.EDQUOT)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its causes and contexts, each once."""
+    out, todo = [], [err]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is seen for seen in out):
+            continue
+        out.append(e)
+        todo += [e.__cause__, e.__context__]
+    return out
+
+
+def _os_errno(err: BaseException) -> int | None:
+    """The OS error number behind a failed write (an ``OSError``, or TensorStore's ``ValueError``
+    naming ``os_error_code``), or None when ``err`` is not an OS error."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        text = str(e)
+        match = _OS_ERROR_CODE.search(text)
+        if match:
+            return int(match.group(1))
+        for words, code in _OS_ERROR_TEXT.items():
+            if words in text:
+                return code
+    return None
+
+
+def _existing(path: str) -> str:
+    """``path``, or its nearest ancestor that exists."""
+    while path and not os.path.exists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _is_os_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) or _os_errno(err) is not None
+
+
+def _free_bytes(path: str) -> int | None:
+    """Bytes free for this user on the filesystem of ``path`` (or of its nearest ancestor)."""
+    try:
+        return shutil.disk_usage(_existing(path)).free
+    except OSError:
+        return None
+
+
+def _block_size(path: str) -> int:
+    try:
+        return os.statvfs(path).f_bsize or 4096
+    except (OSError, AttributeError):
+        return 4096
+
+
+def _nbytes(x: Any) -> int:
+    try:
+        return int(x.size) * jnp.dtype(x.dtype).itemsize
+    except (AttributeError, TypeError):
+        return 8
+
+
+def _needed_bytes(flat_adapter: dict, flat_opt: dict, meta: dict, block: int) -> int:
+    """An upper estimate of the bytes a step takes on disk: its arrays (uncompressed), lrtt's JSON
+    and Orbax's per-leaf metadata (3x the JSON), and Orbax's small files (a block each)."""
+    arrays = sum(_nbytes(x) for x in (*flat_adapter.values(), *flat_opt.values()))
+    files = 16 + (12 if flat_opt else 0) + (len(flat_adapter) + len(flat_opt)) // 3  # measured on tmpfs
+    return arrays + 3 * len(json.dumps(meta)) + files * block
+
+
+def _enough_space(free: int | None, needed: int) -> bool:
+    """The pre-check of ``save``: ``needed`` (an upper estimate) fits in ``free`` (None: unknown)."""
+    return free is None or free >= needed
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "an unknown amount"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _with_path(err: OSError, path: str) -> OSError:
+    """``err`` if it names a file (or ``path``), else the same kind of error naming ``path``."""
+    if err.filename is not None or path in str(err):
+        return err
+    named = type(err)(err.errno, err.strerror or str(err), path) if err.errno else type(err)(f"{err}: {path}")
+    named.__cause__ = err
+    return named
+
+
 def _items(step_dir: str) -> list[str]:
     """The subdirectories (Orbax items) of one step directory."""
     try:
@@ -361,22 +552,60 @@ def _step_dirs_below(directory: str) -> str:
     return ""
 
 
+def _write_message(step: int, path: str, what: str, needed: int, free: int | None, directory: str,
+                   code: int | None) -> str:
+    """One line: the step directory, what failed, the space needed and free, and the fix."""
+    fix = "free space and resume" if code in _NO_SPACE or code is None else (
+        f"make {directory} writable (or choose another directory) and resume")
+    return (f"could not write checkpoint step {step} to {path}: {what}; the step needs about "
+            f"{_size(needed)} and {_size(free)} are free there; the earlier checkpoints are kept; "
+            f"{fix} (restore() the latest step, then save again).")
+
+
+class _Save(NamedTuple):
+    """The save in flight: its step and the bytes it needs (for :class:`CheckpointWriteError`)."""
+
+    step: int
+    needed: int
+
+
 class CheckpointManager:
     """Saves and restores the adapter, optimizer state, step and data position with Orbax.
 
+    A manager is a *writer* (``create=True``, the default: a training run) or a *reader*
+    (``create=False``: ``lrtt eval``/``lrtt export``, or anything that reads a directory a run may
+    still be writing). A reader never modifies the directory: Orbax opens it read-only, nothing
+    is created, rotated or deleted, and the temporary directories of saves in flight
+    (``<step>.orbax-checkpoint-tmp*``) are left alone; ``save`` on it raises ``ValueError``. Each
+    ``all_steps``/``restore`` of a reader lists the directory again, and a step the writer's
+    rotation deletes while it is read is skipped for the newer latest one. Only a writer removes
+    temporary directories left by a killed save (when it opens). Do not open two writers on one
+    directory.
+
     Args:
-      directory: where the step directories go (created if missing).
+      directory: where the step directories go (created if missing). Its path must not hold
+        ``\\`` or a ``[...]`` (see :class:`CheckpointPathError`); spaces, unicode, ``*``, ``?``,
+        ``{}``, ``#``, ``%`` are fine.
       method: the lrtt method; its ``to_config()`` is saved and compared on restore.
       max_to_keep: number of most recent steps kept (older ones are deleted after a new save
         commits).
-      async_save: save in a background thread (``wait()`` blocks until it is committed).
-      create: allow a missing ``directory`` (default); it is created by the first ``save``, so a
-        manager that only reads or restores never creates it. With ``create=False`` (evaluating
-        or exporting a finished run) a missing directory raises :class:`CheckpointNotFoundError`.
+      async_save: save in a background thread (``wait()`` blocks until it is committed;
+        ``check_save()`` reports a failed one without blocking).
+      create: True: a writer; a missing ``directory`` is allowed and created by the first
+        ``save`` (a writer that only restores creates nothing). False: a reader (above); a missing
+        ``directory`` raises :class:`CheckpointNotFoundError`.
 
     Raises:
+      CheckpointPathError: ``directory`` holds a character Orbax cannot save under; nothing is
+        written.
       CheckpointDirectoryError: ``directory`` is a file (or lies under one).
       CheckpointNotFoundError: ``directory`` is missing and ``create`` is False.
+
+    Write failures (disk full, read-only filesystem, no permission) raise
+    :class:`CheckpointWriteError` from ``save`` — or, for a failure in an asynchronous save's
+    background commit, from the next ``save``/``wait``/``close``/``check_save`` — with the step
+    directory, the bytes needed and free; the failed step's temporary directory is removed, the
+    committed steps are kept, and a later ``save`` (once space is freed) works.
 
     Example::
 
@@ -399,21 +628,42 @@ class CheckpointManager:
         self.method = method
         self.max_to_keep = max_to_keep
         self._create = create
+        _check_path(self.directory)
         _check_directory(self.directory, create)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=False,  # created by the first save: reading a missing directory creates nothing
-            cleanup_tmp_directories=True,
-        )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        if create:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                create=False,  # created by the first save: reading a missing directory creates nothing
+                cleanup_tmp_directories=True,  # a killed save's; only a writer may remove them
+            )
+        else:  # read_only implies these; passing them avoids Orbax's warnings
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, max_to_keep=None, save_interval_steps=0, create=False,
+                cleanup_tmp_directories=False, enable_async_checkpointing=async_save,
+            )
+        self._manager = self._listing(lambda: ocp.CheckpointManager(self.directory, options=options))
         self._own_steps_checked = False
+        self._pending: _Save | None = None  # the save in flight
+        self._failure: CheckpointWriteError | None = None  # raised by the next save/wait/close/check_save
+
+    @property
+    def read_only(self) -> bool:
+        """True for a reader (``create=False``): it never writes to, or deletes from, the directory."""
+        return not self._create
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
-        """Committed steps, oldest first. Waits for a save in flight; a killed one is never listed."""
-        self._manager.wait_until_finished()
+        """Committed steps, oldest first; a killed or failed save is never listed.
+
+        A writer waits for its save in flight (a write failure is kept for the next ``save``,
+        ``wait``, ``close`` or ``check_save``); a reader lists the directory again.
+        """
+        if self.read_only:
+            self._listing(self._manager.reload)
+        else:
+            self._finish()
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
@@ -421,17 +671,151 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def wait(self) -> None:
-        """Block until the last asynchronous save is committed."""
-        self._manager.wait_until_finished()
+        """Block until the last asynchronous save is committed.
+
+        Raises:
+          CheckpointWriteError: that save (or an earlier one not yet reported) failed to write.
+        """
+        self._finish()
+        self._raise_failure()
+
+    def check_save(self) -> None:
+        """Raise the failure of the last asynchronous save if it has failed; never blocks.
+
+        Call it every step of a training loop to stop as soon as a background commit fails
+        (disk full, ...) instead of at the next ``save``. A save still in flight is not waited
+        for. In a multi-process job each process sees its own progress: call ``wait()`` there.
+
+        Raises:
+          CheckpointWriteError: the last save failed to write (raised once).
+        """
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._finish()
+        self._raise_failure()
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the last save, then release Orbax's threads.
+
+        Raises:
+          CheckpointWriteError: the last save failed to write (the manager is closed anyway).
+        """
+        try:
+            self._finish()
+        finally:
+            self._manager.close()
+        self._raise_failure()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    def _listing(self, read: Any) -> Any:
+        """``read()`` (Orbax listing the steps), again if a step it listed is deleted meanwhile.
+
+        Raises:
+          OSError: naming its path (steps vanished ``LISTING_RETRIES`` times in a row).
+        """
+        for attempt in range(LISTING_RETRIES + 1):
+            try:
+                return read()
+            except (FileNotFoundError, NotADirectoryError) as err:  # a step deleted while listed
+                if not os.path.isdir(self.directory) or attempt == LISTING_RETRIES:
+                    raise _with_path(err, self.directory) from err
+                time.sleep(0.01 * (attempt + 1))
+            except OSError as err:
+                raise _with_path(err, self.directory) from err
+        raise AssertionError("unreachable")
+
+    def _finish(self) -> None:
+        """Wait for the save in flight; keep a write failure for :meth:`_raise_failure`."""
+        pending, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - only OS errors are converted
+            if pending is not None and _is_os_error(err):
+                self._failure = self._write_failed(err, pending)
+            elif isinstance(err, OSError):
+                raise _with_path(err, self.directory) from err
+            else:
+                raise
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def _write_failed(self, err: BaseException, save: _Save) -> CheckpointWriteError:
+        """The :class:`CheckpointWriteError` of a failed save, after removing its temporary directory."""
+        code = _os_errno(err)
+        path = os.path.join(self.directory, str(save.step))
+        free = _free_bytes(self.directory)  # before the cleanup: what the write met
+        self._drain()
+        self._remove_tmp(save.step)
+        try:
+            self._manager.reload()  # the failed step is not listed
+        except Exception:  # noqa: BLE001 - the error being reported matters more
+            pass
+        reason = os.strerror(code) if code else type(err).__name__
+        failure = CheckpointWriteError(
+            _write_message(save.step, path, f"the write failed ({reason})", save.needed, free,
+                           self.directory, code),
+            path, save.step, save.needed, free, code,
+        )
+        failure.__cause__ = err
+        return failure
+
+    def _drain(self) -> None:
+        """After a failed save: wait for Orbax's background writes of it and drop their errors.
+
+        A save can fail in its synchronous part after Orbax started writing arrays in the
+        background; their failure (the same one) would otherwise surface from a later call,
+        even a restore, and they must not write into a temporary directory being removed.
+        """
+        checkpointer = getattr(self._manager, "_checkpointer", None)  # Orbax's AsyncCheckpointer
+        for wait in (self._manager.wait_until_finished, getattr(checkpointer, "wait_until_finished", None)):
+            try:
+                if wait is not None:
+                    wait()
+            except Exception:  # noqa: BLE001 - the failure being reported
+                pass
+
+    def discard_uncommitted(self) -> list[str]:
+        """Remove the temporary directories of saves that never committed (a save interrupted as
+        it started: Ctrl-C, SIGTERM), after waiting for the save in flight; returns their names.
+
+        Only a writer (``create=True``) may do this — the one writer of the directory, since a
+        temporary directory may be another writer's save in flight — and only process 0 removes.
+
+        Raises:
+          ValueError: the manager is a reader (``create=False``).
+        """
+        if self.read_only:
+            raise ValueError(f"this CheckpointManager of {self.directory} was opened with create=False (a "
+                             "reader): only the directory's writer may remove temporary directories.")
+        self._finish()
+        if jax.process_index() != 0:
+            return []
+        try:
+            names = sorted(n for n in os.listdir(self.directory) if _TMP_SUFFIX in n)
+        except OSError:
+            return []
+        for name in names:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        return names
+
+    def _remove_tmp(self, step: int) -> None:
+        """Remove the temporary directories of ``step``'s failed save (process 0 only)."""
+        if jax.process_index() != 0:
+            return
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(f"{step}{_TMP_SUFFIX}"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -455,14 +839,25 @@ class CheckpointManager:
           rng: the run's base key (``TrainState.rng``), restored as ``Restored.rng``.
 
         Raises:
+          CheckpointWriteError: not enough free space for the step (checked first: nothing is
+            written), or the write failed (disk full, read-only filesystem, no permission); or
+            the previous asynchronous save failed (this step is not saved). The committed steps
+            are kept; free space and save again.
           NonFiniteError: a floating-point array of ``adapter`` or ``opt_state`` holds NaN or
             inf; nothing is written for ``step`` and the earlier steps are kept.
           ForeignCheckpointError: the directory holds Orbax steps lrtt did not write.
+          ValueError: the manager is a reader (``create=False``).
           ValueError: ``adapter`` holds no adapter entry (e.g. the params were passed); in a
             multi-process job, an array that lives on one process's devices only (place the
             state with ``MeshStep.put_state`` first).
         """
         step = int(step)
+        if self.read_only:
+            raise ValueError(
+                f"cannot save step {step}: this lrtt.CheckpointManager on {self.directory} was "
+                "opened with create=False, a reader that never modifies the directory (a training "
+                "run may be writing it). Open it with create=True (the default) to save."
+            )
         if not any(is_entry(e) for e in entries(adapter).values()):
             raise ValueError(
                 "`adapter` holds no lrtt adapter entry (LoraFactors, TTFactors, ...): pass the tree "
@@ -493,8 +888,41 @@ class CheckpointManager:
         items = {"adapter": ocp.args.StandardSave(nest(flat_adapter)), "meta": ocp.args.JsonSave(meta)}
         if flat_opt:
             items["opt_state"] = ocp.args.StandardSave(nest(flat_opt))
-        os.makedirs(self.directory, exist_ok=True)
-        self._manager.save(step, args=ocp.args.Composite(**items))
+        self._finish()  # Orbax waits for the previous save anyway; report its failure first
+        self._raise_failure()
+        save = self._check_space(step, flat_adapter, flat_opt, meta)
+        self._pending = save
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # noqa: BLE001 - only OS errors are converted
+            self._pending = None
+            if not _is_os_error(err):
+                raise
+            raise self._write_failed(err, save) from err
+
+    def _check_space(self, step: int, flat_adapter: dict, flat_opt: dict, meta: dict) -> _Save:
+        """Create the directory and check its filesystem has the bytes the step needs free.
+
+        Raises:
+          CheckpointWriteError: the directory cannot be created, or less than the bytes the
+            step needs (an upper estimate: see ``_needed_bytes``) are free; nothing is written.
+        """
+        path = os.path.join(self.directory, str(step))
+        needed = _needed_bytes(flat_adapter, flat_opt, meta, _block_size(_existing(self.directory)))
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as err:
+            what = f"cannot create {self.directory} ({err.strerror or err})"
+            free = _free_bytes(self.directory)
+            raise CheckpointWriteError(_write_message(step, path, what, needed, free, self.directory, err.errno),
+                                       path, step, needed, free, err.errno) from err
+        free = _free_bytes(self.directory)
+        # One process decides alone (processes could see different free space and part ways).
+        if jax.process_count() == 1 and not _enough_space(free, needed):
+            what = "not enough free space, nothing was written for it"
+            raise CheckpointWriteError(_write_message(step, path, what, needed, free, self.directory, errno_lib.ENOSPC),
+                                       path, step, needed, free, errno_lib.ENOSPC)
+        return _Save(step, needed)
 
     def _check_finite(self, step: int, flat_adapter: dict, flat_opt: dict) -> None:
         bad = [f"adapter {p}" for p in non_finite(flat_adapter)]
@@ -513,7 +941,9 @@ class CheckpointManager:
 
     def _foreign_steps(self, steps) -> dict[int, list[str]]:
         """``{step: its items}`` of the steps that lack lrtt's items (written by another program)."""
-        items = {s: _items(os.path.join(self.directory, str(s))) for s in steps}
+        # A step directory gone since it was listed was deleted (a writer's rotation), not foreign.
+        items = {s: _items(os.path.join(self.directory, str(s))) for s in steps
+                 if os.path.isdir(os.path.join(self.directory, str(s)))}
         return {s: i for s, i in items.items() if not set(LRTT_ITEMS) & set(i)}
 
     def _foreign(self, steps: dict[int, list[str]], doing: str) -> ForeignCheckpointError:
@@ -662,6 +1092,8 @@ class CheckpointManager:
                     f"no committed checkpoint step {step} in {self.directory}; committed steps: {steps}."
                 )
             return self._restore_step(int(step), adapter_like, opt_state_like, shardings)
+        if not fallback and self.read_only:
+            return self._restore_latest(steps, adapter_like, opt_state_like, shardings)
         candidates = list(reversed(steps)) if fallback else [steps[-1]]
         for i, candidate in enumerate(candidates):
             try:
@@ -671,6 +1103,32 @@ class CheckpointManager:
                     raise
                 warnings.warn(f"skipping damaged checkpoint step {candidate}: {str(err).splitlines()[0]}", stacklevel=2)
         raise AssertionError("unreachable")
+
+    def _restore_latest(self, steps, adapter_like, opt_state_like, shardings) -> Restored:
+        """A reader's ``restore()``: the latest step, or the newer latest one if a writer's rotation
+        deletes it while it is read (a few times at most)."""
+        for _ in range(VANISHED_RETRIES):
+            try:
+                return self._restore_step(steps[-1], adapter_like, opt_state_like, shardings)
+            except (CheckpointCorruptError, ForeignCheckpointError):
+                if not self._vanished(steps[-1]):
+                    raise
+            steps = self.all_steps()
+            if not steps:
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint in {self.directory} (the last ones were deleted while being read)."
+                )
+        return self._restore_step(steps[-1], adapter_like, opt_state_like, shardings)
+
+    def _vanished(self, step: int, wait_s: float = 1.0) -> bool:
+        """Whether ``step``'s directory is gone (within ``wait_s``: a deletion takes a moment)."""
+        path = os.path.join(self.directory, str(step))
+        deadline = time.monotonic() + wait_s
+        while os.path.isdir(path):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
 
 def _unflatten_like(like: Any, flat: dict[str, Any]) -> Any:
