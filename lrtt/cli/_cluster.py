@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterator, TypeVar
 import jax
 import numpy as np
 
+from lrtt.cli import _signals
 from lrtt.cli._config import ConfigError
-from lrtt.cli._rundir import RunLockedError, locked
+from lrtt.cli._rundir import RunLockedError, locked, remove_if_untouched
 
 T = TypeVar("T")
 MESSAGE_BYTES = 4096  # the longest error message process 0 shares with the others
@@ -185,15 +186,24 @@ def run_lock(run: Path, cluster: Cluster) -> Iterator[None]:
     and holds the lock (``flock`` on ``<run>/.lock``); every process learns whether it got it.
 
     One job's processes never refuse each other; a second job on the same directory is refused
-    in every one of its processes, with the holder's PID.
+    in every one of its processes, with the holder's PID. If the body fails and ``run`` was
+    created here and holds nothing but the lock file, it is removed again.
 
     Raises:
       RunLockedError: another run holds the directory.
     """
+    created = not run.exists()
     with contextlib.ExitStack() as stack:
         def take() -> None:
             run.mkdir(parents=True, exist_ok=True)
             stack.enter_context(locked(run))
 
         on_primary(cluster, take)
-        yield
+        if created and cluster.primary:
+            stack.enter_context(_signals.cleanup_on_forced_exit(lambda: remove_if_untouched(run)))
+        try:
+            yield
+        except BaseException:
+            if created and cluster.primary:
+                remove_if_untouched(run)
+            raise

@@ -10,8 +10,29 @@ name the file, the key, what was given and what is allowed)::
     output: {dir: runs/minilm-bbc-loretta-rep}
     quantize: {qtype: nf4, block_size: 64}   # optional: a quantized frozen base (QLoRA)
 
-``--set section.key=value`` overrides a key (the value is parsed as YAML: ``3``, ``1e-3``,
-``[a, b]``).
+Files. A config is a UTF-8 text file whose top level is a mapping. A key given twice in one
+mapping (at any level) is an error naming both lines (YAML itself would keep the last silently);
+so are a file that is binary, not UTF-8 (the byte offset is named), a directory, or unreadable.
+
+Overrides. ``--set section.key=value`` (or ``--set model=smollm2``) sets one key. The value is
+everything after the first ``=`` and is read as:
+
+* an int (``50``, ``-3``), a float (``1e-3``, ``5.0e-3``, ``.5``), a bool (``true`` / ``false``,
+  any case) or null (``null``, any case, or ``~``), when the whole value (spaces around it
+  ignored) is one; ``none`` is the string ``'none'`` (``quantize.qtype=none``);
+* a YAML flow list or mapping when it starts with ``[`` or ``{`` (``method.targets=[q_proj,
+  v_proj]``); one that does not parse is an error naming the override;
+* a string, the text between the quotes, when it is wrapped in ``'...'`` or ``"..."`` (YAML
+  quoting: ``output.dir='2024'`` is the string ``'2024'``, not the int);
+* otherwise the string exactly as written: ``output.dir=/x/run #1`` is ``'/x/run #1'`` (no YAML
+  comments) and ``output.dir=`` is the empty string (not null).
+
+Messages. Every :class:`ConfigError` is one line naming the file (or ``--set``), the key, the
+value and the fix; a value is shown by :func:`show`, at most ~80 characters of it.
+
+Resuming. :data:`FIXED` and :data:`APPLIES` classify every key for a resumed run, and
+:func:`resume_changes` compares a run's saved config with the new one (:func:`format_table`
+renders the classification for the docs).
 """
 
 from __future__ import annotations
@@ -19,10 +40,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import reprlib
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -97,9 +120,307 @@ _SECTIONS = {"data": DataConfig, "train": TrainConfig, "output": OutputConfig, "
 _TOP = ("model", "method", "data", "train", "output", "quantize")
 
 
-def _suggest(key: str, allowed) -> str:
+# ---------------------------------------------------------------------------------------------
+# Showing values: every user value quoted in a message goes through `show`.
+
+SHOW_LIMIT = 80
+
+
+def _repr() -> reprlib.Repr:
+    """A ``reprlib.Repr`` that cuts long values (its keyword arguments are Python 3.12+ only)."""
+    short = reprlib.Repr()
+    for name, value in dict(maxlevel=3, maxlist=8, maxtuple=8, maxdict=8, maxset=8,
+                            maxstring=SHOW_LIMIT, maxother=SHOW_LIMIT, maxlong=SHOW_LIMIT).items():
+        setattr(short, name, value)
+    return short
+
+
+_REPR = _repr()
+
+
+def show(value: Any, limit: int = SHOW_LIMIT) -> str:
+    """``repr(value)`` on one line, cut to about ``limit`` characters.
+
+    A long string keeps its first ``limit`` characters and its length: ``'xxxx…' (10000000
+    characters)``; a long list or mapping its first items, then ``…``. Never raises (an int too
+    long for ``str`` is shown by its size)."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        head = repr(value[:limit])
+        return f"{head[:-1]}…{head[-1]} ({len(value)} characters)"
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int of more than 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _key(dotted: Any) -> str:
+    """A (dotted) key for a message: in backquotes (`train.steps`) when it is short text, else :func:`show`."""
+    text = str(dotted) if isinstance(dotted, (str, int, float, bool)) or dotted is None else None
+    if text is not None and text.isprintable() and len(text) <= SHOW_LIMIT:
+        return f"`{text}`"
+    return show(dotted)
+
+
+def _name(path: Path) -> str:
+    """A file's name for a message (escaped if it holds control characters)."""
+    text = str(path)
+    return text if text.isprintable() else show(text, limit=4 * SHOW_LIMIT)
+
+
+def _suggest(key: Any, allowed) -> str:
+    if not isinstance(key, str) or len(key) > SHOW_LIMIT:
+        return ""
     close = difflib.get_close_matches(key, list(allowed), n=1)
     return f"; did you mean `{close[0]}`?" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files.
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that gives one key twice (``first`` and ``second`` are the keys' marks)."""
+
+    def __init__(self, path: str, first: yaml.Mark, second: yaml.Mark):
+        super().__init__(path)
+        self.path, self.first, self.second = path, first, second
+
+    def describe(self, *, columns: bool = False) -> str:
+        """One line: the key and where it is given twice (lines in a file, columns in an override)."""
+        if columns:
+            where = f"at columns {self.first.column + 1} and {self.second.column + 1} of the value"
+        else:
+            where = f"at line {self.first.line + 1} and line {self.second.line + 1}"
+        return f"{_key(self.path)} is given twice, {where}; keep one"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a mapping giving a key twice is an error
+    (:class:`_DuplicateKey`, with both places) where YAML keeps the last value silently, and an
+    int too long for Python is a YAML error at its place rather than a bare ``ValueError``."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._check_keys(node, "", set())
+        return self.construct_document(node)
+
+    def _check_keys(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        """Walk the composed document (each node once: aliases share nodes) for repeated keys."""
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_keys(item, f"{path}[{i}]", seen)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given here may override
+                    self._check_keys(value_node, path, seen)
+                    continue
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node)
+                    dotted = f"{path}.{key}" if path else str(key)
+                else:  # a list or mapping as a key: never equal to another one here
+                    key, dotted = id(key_node), f"{path}.<complex key>"
+                if key in first:
+                    raise _DuplicateKey(dotted, first[key], key_node.start_mark)
+                first[key] = key_node.start_mark
+                self._check_keys(value_node, dotted, seen)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the integer {show(node.value)} has too many digits for Python (quote it if it is text)",
+                node.start_mark,
+            ) from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def _one_line(err: yaml.YAMLError, *, columns: bool = False) -> str:
+    """YAML's multi-line error as one line: the problem at line L, column C (and its context)."""
+    if isinstance(err, _DuplicateKey):
+        return err.describe(columns=columns)
+
+    def at(mark) -> str:
+        if columns:
+            return f"at column {mark.column + 1} of the value"
+        return f"at line {mark.line + 1}, column {mark.column + 1}"
+
+    if isinstance(err, yaml.MarkedYAMLError):
+        problem, mark = (err.problem, err.problem_mark) if err.problem else (err.context, err.context_mark)
+        text = f"{problem} {at(mark)}" if mark else str(problem)
+        if err.problem and err.context:
+            text += f" ({err.context}{' ' + at(err.context_mark) if err.context_mark else ''})"
+        if err.note:
+            text += f"; {err.note}"
+    else:
+        text = str(err)
+    text = " ".join(text.split())
+    return text if len(text) <= 4 * SHOW_LIMIT else text[: 4 * SHOW_LIMIT] + "…"
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed by :class:`_StrictLoader`; every YAML failure a one-line ConfigError."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except _DuplicateKey as err:
+        raise ConfigError(f"{where}: {err.describe()}.") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {_one_line(err)}.") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read; a config is a few levels of mappings.") from None
+    finally:
+        loader.dispose()
+
+
+_NOT_TEXT = yaml.reader.Reader.NON_PRINTABLE  # characters YAML refuses in a stream (NUL, most C0 controls, ...)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; a missing, unreadable, non-UTF-8 or binary file is a ConfigError naming it."""
+    name = _name(path)
+    if not path.exists():
+        raise ConfigError(f"config file {name} does not exist; the shipped ones are in configs/.")
+    if path.is_dir():
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))[:3]
+        except OSError:
+            inside = []
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise ConfigError(f"{name}: is a directory, not a config file; give a YAML file{hint}.")
+    if not path.is_file():
+        raise ConfigError(f"{name}: is not a regular file (a pipe, socket or device); give a YAML file.")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot be read ({err.strerror or err}); check its permissions.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{name}: not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset {err.start} (line {line}); "
+            "a config is a YAML text file saved as UTF-8."
+        ) from None
+    bad = _NOT_TEXT.search(text)
+    if bad:
+        offset = len(text[: bad.start()].encode())
+        line = text.count("\n", 0, bad.start()) + 1
+        raise ConfigError(
+            f"{name}: not a text file: control character {bad.group()!r} at byte offset {offset} (line {line}); "
+            "a config is a YAML text file."
+        )
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides.
+
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def override_value(text: str, *, item: str | None = None, source: str = "--set") -> Any:
+    """The value of ``--set key=TEXT``: an int, float, bool, null, flow list / mapping or quoted
+    string when ``text`` is one (see the module docstring), else ``text`` itself.
+
+    Raises:
+      ConfigError: a value starting with ``[`` / ``{`` or quoted that is not valid YAML.
+    """
+    word = text.strip()
+    if _INT.fullmatch(word):
+        try:
+            return int(word)
+        except ValueError:  # more than 4300 digits: the text, which the schema then refuses
+            return text
+    if _FLOAT.fullmatch(word):
+        return float(word)
+    if word.lower() in ("true", "false"):
+        return word.lower() == "true"
+    if word.lower() == "null" or word == "~":
+        return None
+    where = f"{source} {show(text if item is None else item)}"
+    if word[:1] in ("[", "{"):
+        kind = "list" if word[0] == "[" else "mapping"
+        example = "[a, b]" if kind == "list" else "{a: 1, b: 2}"
+        value = _flow(word, where, f"write a YAML flow {kind} ({example}), or quote the whole value to keep it as text")
+        if not isinstance(value, (list, dict)):
+            raise ConfigError(f"{where}: is not one YAML flow {kind}, got {show(value)}.")
+        return value
+    if len(word) >= 2 and word[0] == word[-1] and word[0] in "'\"":
+        fix = "in YAML quoting a ' inside '...' is written '' ('it''s'), a \" inside \"...\" is \\\""
+        value = _flow(word, where, fix)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: is not one quoted string, got {show(value)}.")
+        return value
+    return text
+
+
+def _flow(word: str, where: str, fix: str) -> Any:
+    """``word`` parsed as YAML; a failure names the override, what it should be and the way out."""
+    loader = _StrictLoader(word)
+    try:
+        return loader.get_single_data()
+    except _DuplicateKey as err:
+        raise ConfigError(f"{where}: {err.describe(columns=True)}.") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{where}: not valid YAML: {_one_line(err, columns=True)}; {fix}."
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read.") from None
+    finally:
+        loader.dispose()
+
+
+def _split_override(item: str, source: str) -> tuple[list[str], str]:
+    """``section.key=value`` → (``[section, key]``, ``value``), checking the key's form."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{source}: {show(item)} is not of the form section.key=value (e.g. train.steps=50).")
+    dotted, text = item.split("=", 1)
+    parts = [part.strip() for part in dotted.split(".")]
+    if len(parts) > 2:
+        raise ConfigError(
+            f"{source}: {_key(dotted)} has more than one dot; keys are section.key (e.g. train.steps=50)."
+        )
+    if not all(parts):
+        raise ConfigError(f"{source}: {show(item)} names no key; write section.key=value (e.g. train.steps=50).")
+    return parts, text
+
+
+def apply_overrides(raw: dict, overrides: list[str], *, source: str = "--set") -> dict:
+    """Apply ``section.key=value`` overrides (values read as the module docstring says) to a raw
+    config mapping; returns a new mapping (``raw`` and its sections are not changed)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        parts, text = _split_override(item, source)
+        value = override_value(text, item=item, source=source)
+        if len(parts) == 1:
+            raw[parts[0]] = value
+            continue
+        if raw.get(parts[0]) is None:  # absent, or `train:` with nothing under it
+            raw[parts[0]] = {}
+        section = raw[parts[0]]
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: {_key(parts[0])} is not a section (it is {show(section)}), "
+                              f"cannot set {_key('.'.join(parts))}.")
+        section[parts[1]] = value
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
 
 
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
@@ -126,6 +447,15 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     return isinstance(value, annotation), value
 
 
+def _type_hint(value: Any, annotation: Any) -> str:
+    """The way out of a wrong type, where there is an obvious one."""
+    if "bool" in str(annotation) and isinstance(value, str):
+        return "; write true or false"
+    if str(annotation) == "str" and isinstance(value, (int, float, bool)):
+        return "; quote it to keep it as text"
+    return ""
+
+
 # The smallest value each numeric key may take (``None`` stays allowed where the type has it).
 _MINIMUM = {
     "data.max_len": 2, "data.train_limit": 1, "data.eval_limit": 1,
@@ -139,90 +469,236 @@ def _section(name: str, raw: Any, cls, source: str):
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: `{name}` must be a mapping of keys, got {raw!r}.")
+        raise ConfigError(f"{source}: `{name}` must be a mapping of keys, got {show(raw)}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
+        dotted = f"{name}.{key}"
         if key not in fields:
             raise ConfigError(
-                f"{source}: unknown key `{name}.{key}`; allowed: {', '.join(fields)}{_suggest(key, fields)}"
+                f"{source}: unknown key {_key(dotted)}; allowed: {', '.join(fields)}{_suggest(key, fields)}"
             )
         ok, converted = _type_ok(value, fields[key].type)
         if not ok:
             raise ConfigError(
-                f"{source}: `{name}.{key}` must be {fields[key].type}, got {value!r} "
-                f"({type(value).__name__})."
+                f"{source}: `{dotted}` must be {fields[key].type}, got {show(value)} "
+                f"({type(value).__name__}){_type_hint(value, fields[key].type)}."
             )
-        minimum = _MINIMUM.get(f"{name}.{key}")
+        minimum = _MINIMUM.get(dotted)
         if minimum is not None and converted is not None and converted < minimum:
-            raise ConfigError(f"{source}: `{name}.{key}` must be >= {minimum}, got {value!r}.")
-        if f"{name}.{key}" == "train.lr" and not (math.isfinite(converted) and converted > 0):
-            raise ConfigError(f"{source}: `train.lr` must be a finite number > 0, got {value!r}.")
+            raise ConfigError(f"{source}: `{dotted}` must be >= {minimum}, got {show(value)}.")
+        if dotted == "train.lr" and not (math.isfinite(converted) and converted > 0):
+            raise ConfigError(f"{source}: `train.lr` must be a finite number > 0, got {show(value)}.")
         if isinstance(converted, float) and not math.isfinite(converted):
-            raise ConfigError(f"{source}: `{name}.{key}` must be a finite number, got {value!r}.")
+            raise ConfigError(f"{source}: `{dotted}` must be a finite number, got {show(value)}.")
         values[key] = converted
     return cls(**values)
 
 
 def _check_choice(value, allowed, key, source):
     if value not in allowed:
-        raise ConfigError(f"{source}: `{key}` must be one of {list(allowed)}, got {value!r}{_suggest(str(value), allowed)}")
+        raise ConfigError(
+            f"{source}: `{key}` must be one of {list(allowed)}, got {show(value)}{_suggest(value, allowed)}"
+        )
+
+
+def _check_no_nul(value: Any, path: str, source: str, seen: set[int]) -> None:
+    """Refuse a NUL character in any string (key or value) of the raw config, naming where."""
+    if isinstance(value, str):
+        if "\0" in value:
+            raise ConfigError(
+                f"{source}: {_key(path)} holds a NUL character (\\x00) at position {value.index(chr(0))}: "
+                f"{show(value)}; remove it."
+            )
+        return
+    if not isinstance(value, (dict, list)) or id(value) in seen:
+        return
+    seen.add(id(value))
+    items = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
+    for key, item in items:
+        if isinstance(key, str) and "\0" in key and isinstance(value, dict):
+            where = f"under {_key(path)}" if path else "at the top level"
+            raise ConfigError(f"{source}: the key {show(key)} {where} holds a NUL character (\\x00); remove it.")
+        if isinstance(value, list):
+            child = f"{path}{key}"
+        else:
+            child = f"{path}.{key}" if path else str(key)
+        _check_no_nul(item, child, source, seen)
 
 
 def parse(raw: Any, *, source: str = "config") -> RunConfig:
     """Validate a loaded YAML mapping into a :class:`RunConfig`.
 
     Raises:
-      ConfigError: unknown keys (with a suggestion), wrong types, unknown model or method.
+      ConfigError: unknown keys (with a suggestion), wrong types, unknown model or method, an
+        empty ``output.dir``, a NUL character in any string.
     """
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a config is a mapping with keys {list(_TOP)}, got {type(raw).__name__}.")
+        raise ConfigError(
+            f"{source}: a config is a mapping with keys {list(_TOP)}, got a {type(raw).__name__}: {show(raw)}."
+        )
+    _check_no_nul(raw, "", source, set())
     for key in raw:
         if key not in _TOP:
-            raise ConfigError(f"{source}: unknown key `{key}`; allowed: {', '.join(_TOP)}{_suggest(key, _TOP)}")
+            raise ConfigError(f"{source}: unknown key {_key(key)}; allowed: {', '.join(_TOP)}{_suggest(key, _TOP)}")
     for key in ("model", "method"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key `{key}`.")
     _check_choice(raw["model"], MODELS, "model", source)
     method = raw["method"]
     if not isinstance(method, dict) or "name" not in method:
-        raise ConfigError(f"{source}: `method` must be a mapping with a `name` in {list(METHODS)}, got {method!r}.")
+        raise ConfigError(
+            f"{source}: `method` must be a mapping with a `name` in {list(METHODS)}, got {show(method)}."
+        )
     _check_choice(method["name"], METHODS, "method.name", source)
     sections = {name: _section(name, raw.get(name), cls, source) for name, cls in _SECTIONS.items()}
     _check_choice(sections["train"].forward, ("factored", "merged"), "train.forward", source)
     _check_choice(sections["train"].on_nonfinite, ("stop", "skip"), "train.on_nonfinite", source)
     _check_choice(sections["quantize"].qtype, ("none", "int8", "int4", "nf4"), "quantize.qtype", source)
+    if not sections["output"].dir.strip():
+        raise ConfigError(
+            f"{source}: `output.dir` must name a directory, got {show(sections['output'].dir)}; "
+            "set it in the file or with --set output.dir=runs/NAME."
+        )
     return RunConfig(model=raw["model"], method=dict(method), **sections)
 
 
-def apply_overrides(raw: dict, overrides: list[str], *, source: str = "--set") -> dict:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{source}: `{item}` is not of the form section.key=value (e.g. train.steps=50).")
-        dotted, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text else None
-        parts = dotted.split(".")
-        if len(parts) == 1:
-            raw[parts[0]] = value
-        elif len(parts) == 2:
-            section = raw.setdefault(parts[0], {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{source}: `{parts[0]}` is not a section, cannot set `{dotted}`.")
-            section[parts[1]] = value
-        else:
-            raise ConfigError(f"{source}: `{dotted}` has more than one dot; keys are section.key.")
-    return raw
-
-
 def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read, override and validate a YAML config file."""
+    """Read, override and validate a YAML config file.
+
+    Raises:
+      ConfigError: (one line, naming the file) the file is missing, a directory, unreadable, not
+        UTF-8 text, not valid YAML, repeats a key, has no mapping at its top level, or does not
+        fit the schema (:func:`parse`); an override is malformed (:func:`apply_overrides`).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; the shipped ones are in configs/.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse(apply_overrides(raw, list(overrides)), source=str(path))
+    name = _name(path)
+    raw = _load_yaml(_read_text(path), name)
+    if raw is None:  # an empty file (or only comments): the schema then names what is missing
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{name}: the top level must be a mapping of sections ({', '.join(_TOP)}), "
+            f"found a {type(raw).__name__}: {show(raw)}."
+        )
+    return parse(apply_overrides(raw, list(overrides)), source=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: which keys may change between a run's start and its resumption.
+
+FIXED: dict[str, str] = {  # key -> what a change would reinterpret: refused on resume
+    "model": "the base weights the adapter was trained on",
+    "method.*": "the adapter's parameters: their shapes and what they mean (name, rank, targets, tt_rank, ...)",
+    "quantize.qtype": "the frozen base the adapter was trained against",
+    "quantize.block_size": "the frozen base the adapter was trained against",
+    "data.max_len": "the examples (LM blocks) the saved data position counts",
+    "data.seed": "the shuffled order the saved data position indexes",
+    "data.train_limit": "the training examples the saved data position indexes",
+    "train.batch_size": "the examples a step takes, which the saved data position counts",
+    "train.accumulate": "what one step (one update) is",
+    "train.seed": "the adapter's initialization and the saved random state",
+}
+APPLIES: dict[str, str] = {  # key -> what a change does: applies from the resumed step
+    "train.steps": "where the run ends",
+    "train.lr": "the learning-rate schedule",
+    "train.warmup": "the learning-rate schedule",
+    "train.weight_decay": "the optimizer's weight decay",
+    "train.eval_every": "when validation runs",
+    "train.eval_batch_size": "evaluation's batches (not its result)",
+    "train.forward": "how the forward pass is computed (not its result)",
+    "train.on_nonfinite": "what a non-finite step does",
+    "train.max_skips": "what a non-finite step does",
+    "data.eval_limit": "the validation and test examples evaluated",
+    "output.save_every": "when checkpoints are written",
+    "output.keep": "how many checkpoints are kept",
+    "output.export": "whether the merged params are written at the end",
+}
+IDENTITY = ("output.dir",)  # the run itself: never compared
+
+
+class _Unset:
+    """A method key the config does not give (shown as ``(not set)``)."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+UNSET = _Unset()
+
+
+class Change(NamedTuple):
+    """One key whose value differs between a run's saved config and the new one."""
+
+    key: str  # dotted: 'train.lr', 'method.rank'
+    old: Any  # UNSET for a method key the saved config does not give
+    new: Any  # UNSET for a method key the new config does not give
+
+    def __str__(self) -> str:
+        return f"{self.key} {show(self.old)} → {show(self.new)}"
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (a config saved as JSON reads back lists), for comparing."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _saved(old: dict, key: str) -> Any:
+    """The value of dotted ``key`` in a saved config; a missing section or key is the default."""
+    section, _, field = key.partition(".")
+    if not field:
+        return old.get(section)
+    values = old.get(section)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"the run's saved config: `{section}` must be a mapping of keys, got {show(values)}.")
+    default = {f.name: f.default for f in dataclasses.fields(_SECTIONS[section])}[field]
+    return values.get(field, default)
+
+
+def _method_changes(old: Any, new: dict) -> list[Change]:
+    """The method keys that differ, key by key (a key given on one side only is a change)."""
+    old = old if isinstance(old, dict) else {}
+    keys = list(dict.fromkeys([*new, *old]))
+    return [
+        Change(f"method.{k}", old.get(k, UNSET), new.get(k, UNSET))
+        for k in keys
+        if k not in old or k not in new or _plain(old[k]) != _plain(new[k])
+    ]
+
+
+def resume_changes(old: dict, new: RunConfig) -> tuple[list[Change], list[Change]]:
+    """(refused, applied): the keys that differ between a run's saved config (old, RunConfig.to_dict()
+    form, possibly from an older lrtt missing some keys — missing means the default) and the new one,
+    each a Change(key, old, new) NamedTuple with `key` dotted like 'train.lr'.
+
+    ``refused`` holds the :data:`FIXED` keys (``method.*`` compared key by key, e.g.
+    ``method.rank``), ``applied`` the :data:`APPLIES` keys, each in the tables' order;
+    ``output.dir`` is never compared. Keys of ``old`` that lrtt no longer has are ignored.
+    """
+    current = new.to_dict()
+    refused: list[Change] = []
+    applied: list[Change] = []
+    for key in (*FIXED, *APPLIES):
+        if key == "method.*":
+            changes = _method_changes(old.get("method"), new.method)
+        else:
+            section, _, field = key.partition(".")
+            before, after = _saved(old, key), (current[section][field] if field else current[section])
+            changes = [] if _plain(before) == _plain(after) else [Change(key, before, after)]
+        (refused if key in FIXED else applied).extend(changes)
+    return refused, applied
+
+
+def format_table() -> str:
+    """:data:`FIXED` and :data:`APPLIES` as a Markdown table (for docs/cli.md)."""
+    rows = ["| key | a change on resume | what the key sets |", "|---|---|---|"]
+    rows += [f"| `{key}` | refused | {why} |" for key, why in FIXED.items()]
+    rows += [f"| `{key}` | applies from the resumed step | {why} |" for key, why in APPLIES.items()]
+    rows += [f"| `{key}` | (the run itself: not compared) | which run is resumed |" for key in IDENTITY]
+    return "\n".join(rows)

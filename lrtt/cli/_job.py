@@ -30,7 +30,10 @@ import lrtt
 from lrtt.cli import _cluster
 from lrtt.cli._cluster import Cluster
 from lrtt.cli._config import ConfigError, RunConfig
-from lrtt.cli._rundir import drop_metrics_after, set_aside
+from lrtt.cli import _signals
+from lrtt.cli._config import resume_changes
+from lrtt.cli._rundir import (check_owned, config_history, drop_metrics_after, mark, run_id, set_aside,
+                              write_config)
 from lrtt.cli._tasks import Task, build_task, summarize
 from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
 
@@ -155,44 +158,59 @@ class RestoreFrom:
 def train(config: RunConfig, *, progress: bool = True, restore: RestoreFrom = RestoreFrom()) -> dict:
     """Train (or resume) the run of ``config``; returns the final summary.
 
-    Everything that can be checked is checked before the run directory changes: the config
-    (when it was loaded), the method on the model, the checkpoint it resumes from (same method,
-    shapes, intact bytes) and the step count. Then ``config.json`` is written and training runs
-    under the directory's writer lock.
+    Order, so that a refused run changes nothing: the config (checked when it was loaded), the
+    method, the run directory (lrtt's to write in: new, empty or marked as an lrtt run), then
+    the writer lock — before any model loads, so a second writer is refused at once — then the
+    checkpoint path, the settings against the run's saved ones (:func:`_config_changes`), the
+    merged-export target, the model and data (``data.max_len`` within the model's positions,
+    ``train.batch_size`` within the data), the checkpoint it resumes from (same method, shapes,
+    intact bytes) and the step count. Only then are the run marker and ``config.json`` written.
+    A directory this call created is removed again if the run is refused.
 
     In a multi-process job (joined with :func:`lrtt.cli._cluster.join` first) every process calls
     this with the same config; process 0 holds the lock and writes the outputs.
 
     Raises:
       ConfigError, ValueError: a setting that does not fit (nothing in the directory changed).
+      RunDirectoryError: ``output.dir`` holds files lrtt did not write.
       RunLockedError: another ``lrtt train`` holds the directory.
+      CheckpointWriteError: a checkpoint could not be written (disk full): the run stops at once.
       DivergenceError: a non-finite loss or update (the step was not applied, nothing after the
         last good checkpoint was saved, the export was not touched).
     """
     out = Path(config.output.dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"`output.dir` {str(out)!r} is a file, not a directory; choose another output.dir.")
     method = build_method(config)
-    merged = out / "merged"
-    if config.output.export and method.mergeable and merged.exists() and not merged.is_dir():
-        raise ConfigError(
-            f"{merged} is a file where the merged export goes; move it away, or set output.export=false."
-        )
     cluster = _cluster.current()
     _cluster.check_batch(config.train.batch_size, config.train.accumulate, cluster, jax.device_count())
-    task = build_task(config)
-    state, step, params = _training(config, method, task)
+    identity = _cluster.on_primary(cluster, lambda: check_owned(out))
     with _cluster.run_lock(out, cluster):
+        _signals.check()
         manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
-        state, position, moved = _resume(config, manager, state, step, restore, cluster)
-        if moved:  # steps were moved out of the directory: a fresh manager sees the new list
-            manager.close()
-            manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
-        _cluster.on_primary(cluster, lambda: (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2)))
-        started = time.perf_counter()
         try:
-            state, skipped = _loop(config, method, task, state, step, params, manager, position, cluster,
-                                   progress=progress)
+            history = _config_changes(config, out, manager.all_steps())
+            if config.output.export and method.mergeable:
+                merged = out / "merged"
+                if merged.exists() and not merged.is_dir():
+                    raise ConfigError(f"{merged} is a file where the merged export goes; move it away, or set "
+                                      "output.export=false.")
+                _check_export_target(merged, out, identity, overwrite=False)
+            _signals.check()
+            task = build_task(config)
+            _check_data(config, task)
+            state, step, params = _training(config, method, task)
+            _signals.check()
+            state, position, moved = _resume(config, manager, state, step, restore, cluster)
+            if moved:  # steps were moved out of the directory: a fresh manager sees the new list
+                manager.close()
+                manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
+            _cluster.on_primary(cluster, lambda: _record_config(out, identity, history, config, int(state.step)))
+            started = time.perf_counter()
+            with _signals.saving(manager):
+                state, skipped = _loop(config, method, task, state, step, params, manager, position, cluster,
+                                       progress=progress)
+        except KeyboardInterrupt:  # a signal: the save in flight committed, one interrupted as it began removed
+            manager.discard_uncommitted()
+            raise
         finally:
             manager.wait()
             manager.close()
@@ -200,12 +218,63 @@ def train(config: RunConfig, *, progress: bool = True, restore: RestoreFrom = Re
         adapter = _cluster.local_copy(state.adapter)
         summary = _finish(config, method, task, adapter, int(state.step), elapsed)
         summary["skipped_steps"] = skipped
-        _cluster.on_primary(cluster, lambda: _write_outputs(config, method, task, adapter, summary))
+        _cluster.on_primary(cluster, lambda: _write_outputs(config, method, task, adapter, summary, identity))
         if "export" in summary:  # written by process 0, at the path every process knows
             summary["export"] = str(out / "merged")
     if cluster.primary:
         _report(config, method, task, summary)
     return summary
+
+
+def _config_changes(config: RunConfig, out: Path, steps: list[int]) -> list[dict]:
+    """The run's config history, checked against ``config``: a run with checkpoints keeps its
+    settings that saved state depends on (a change of one is refused, naming old and new
+    values); the others may change and are recorded at the step the run resumes from.
+
+    Raises:
+      ConfigError: a change of a key that would reinterpret the saved state.
+    """
+    history = config_history(out)
+    if not history or not steps:
+        return history
+    refused, _ = resume_changes(history[-1]["config"], config)
+    if refused:
+        shown = ", ".join(str(change) for change in refused)
+        raise ConfigError(
+            f"{out} was trained with other settings that its checkpoints depend on: {shown}. Keep the run's "
+            "values (config.json holds them) to resume it, or set output.dir to a new directory to train with "
+            "these."
+        )
+    return history
+
+
+def _record_config(out: Path, identity: str, history: list[dict], config: RunConfig, step: int) -> None:
+    """Mark the run as lrtt's and write ``config.json`` with the version starting at ``step``
+    (printing what changed on resume)."""
+    mark(out, identity)
+    current = json.loads(json.dumps(config.to_dict()))  # as config.json holds it (lists, not tuples)
+    if history:
+        refused, applied = resume_changes(history[-1]["config"], config)
+        applied = refused + applied  # refused ones only reach here with no checkpoint saved yet
+        if not applied and history[-1]["config"] == current:
+            return
+        for change in applied:
+            print(f"changed on resume: {change} (from step {step})")
+        history = [*history, {"step": step, "config": current, "changes": [str(c) for c in applied]}]
+    else:
+        history = [{"step": step, "config": current, "changes": []}]
+    write_config(out, history)
+
+
+def _check_data(config: RunConfig, task: Task) -> None:
+    """Refuse a batch larger than the training data (it would never fill one step)."""
+    n = len(next(iter(task.splits["train"].values())))
+    if config.train.batch_size > n:
+        limit = f" (data.train_limit={config.data.train_limit})" if config.data.train_limit else ""
+        raise ConfigError(
+            f"`train.batch_size`={config.train.batch_size} is larger than the {n} training examples{limit}; "
+            f"set train.batch_size to {n} or less."
+        )
 
 
 def _training(config: RunConfig, method: Any, task: Task) -> tuple[Any, Any, Any]:
@@ -301,6 +370,8 @@ def _loop(config, method, task, state, mesh_step, params, manager, position, clu
     skipped = 0
     try:
         while step < config.train.steps:
+            _signals.check()
+            manager.check_save()  # an asynchronous save that failed (disk full) stops the run now
             batch, position = next(data)
             local = mesh_step.put_local_batch({k: v[rows] for k, v in batch.items()})
             state, loss_value = mesh_step.step(state, params, local)
@@ -367,11 +438,13 @@ def _finish(config: RunConfig, method: Any, task: Task, adapter: Any, steps: int
     return summary
 
 
-def _write_outputs(config: RunConfig, method: Any, task: Task, adapter: Any, summary: dict) -> None:
+def _write_outputs(config: RunConfig, method: Any, task: Task, adapter: Any, summary: dict, identity: str) -> None:
     """The merged export (when the summary has one), ``summary.json`` and ``curves.png``."""
     out = Path(config.output.dir)
     if "export" in summary:
-        summary["export"] = str(export(config, method=method, task=task, adapter=adapter))
+        path = out / "merged"
+        lrtt.export_merged(method, task.params, adapter, path, model=task.model, source=identity)
+        summary["export"] = str(path)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out / "metrics.jsonl", out / "curves.png")
 
@@ -433,13 +506,38 @@ def evaluate(config: RunConfig, split: str = "test", restore: RestoreFrom = Rest
     return evaluate_split(task, method, adapter, split, config.train.eval_batch_size)
 
 
-def export(config: RunConfig, *, out: str | None = None, method=None, task=None, adapter=None,
-           restore: RestoreFrom = RestoreFrom()) -> Path:
-    """Write the merged params of the run as a transformers ``save_pretrained`` directory."""
-    method = method or build_method(config)
-    task = task or build_task(config)
-    if adapter is None:
-        adapter = _restore_adapter(config, method, task, restore)
-    path = Path(out or Path(config.output.dir) / "merged")
-    lrtt.export_merged(method, task.params, adapter, path, model=task.model)
+def export(config: RunConfig, *, out: str | None = None, restore: RestoreFrom = RestoreFrom(),
+           overwrite: bool = False) -> Path:
+    """Write the merged params of the run's checkpoint as a transformers ``save_pretrained``
+    directory: ``<output.dir>/merged`` by default, or ``out``.
+
+    ``out`` must be outside the run directory (``<output.dir>/merged`` aside) and, if it exists,
+    an empty directory or an lrtt export of this run (``overwrite``: of another run too); it is
+    checked before the model loads.
+
+    Raises:
+      ConfigError: ``out`` is the run directory or inside it.
+      ExportError: ``out`` holds something lrtt did not export (left as it is).
+    """
+    run = Path(config.output.dir)
+    path = Path(out) if out else run / "merged"
+    identity = run_id(run) if run.is_dir() else None
+    _check_export_target(path, run, identity, overwrite=overwrite)
+    method = build_method(config)
+    task = build_task(config)
+    adapter = _restore_adapter(config, method, task, restore)
+    lrtt.export_merged(method, task.params, adapter, path, model=task.model, source=identity, overwrite=overwrite)
     return path
+
+
+def _check_export_target(path: Path, run: Path, identity: str | None, *, overwrite: bool) -> None:
+    """Refuse, before any work, an export target inside the run (but ``merged/``) or holding
+    what lrtt may not replace (:func:`lrtt.io.check_export_target`)."""
+    target, home = path.resolve(), run.resolve()
+    if target != home / "merged" and (target == home or home in target.parents):
+        raise ConfigError(
+            f"--out {str(path)!r} is {'the run directory' if target == home else 'inside the run directory'} "
+            f"{str(run)!r}, where the export would replace what the run wrote; export to {run / 'merged'} "
+            "(the default) or to a directory outside the run."
+        )
+    lrtt.io.check_export_target(path, source=identity, overwrite=overwrite)

@@ -8,7 +8,8 @@
 
 Exit status: 0 done; 2 a config, setting or file that does not fit (nothing in the run changed);
 3 training diverged (the last good checkpoint and export are kept); 1 any other failure (the
-message names it); 130 interrupted. Every failure is one line ``lrtt: error: ...``;
+message names it); 130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM, at any moment, with one line
+naming the last committed checkpoint. Every failure is one line ``lrtt: error: ...``;
 ``LRTT_DEBUG=1`` shows the traceback instead.
 """
 
@@ -17,10 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 from lrtt._extras import needs_extra
+from lrtt.cli import _signals
 
 
 def _quiet() -> None:
@@ -60,20 +65,54 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = restore_options(add("eval", "evaluate the run's latest checkpoint"))
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
     export = restore_options(add("export", "write the merged params of the run's latest checkpoint"))
-    export.add_argument("--out", default=None, help="directory (default: <output.dir>/merged)")
+    export.add_argument("--out", default=None, help="directory (default: <output.dir>/merged); an existing one "
+                        "must be an lrtt export of this run (or an empty directory)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an lrtt export of another run at --out (never anything else)")
     add("count", "print the trainable-parameter table (from shapes only)")
     return parser
 
 
+MAX_LINES = 4  # an error's first lines joined into the one line printed; the rest counted
+MAX_CHARS = 1500  # and that line cut at this length
+
+
 def _message(err: BaseException) -> str:
-    """One sentence for an expected failure: lrtt's messages as they are; OS errors with the path."""
+    """One line for an expected failure: lrtt's messages as they are (a multi-line summary
+    joined: its first lines, then how many more), OS errors with the path."""
     if isinstance(err, OSError) and err.strerror and not type(err).__module__.startswith("lrtt"):
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror}{where}. Check that the path exists and that you may write there."
     text = str(err) or type(err).__name__
-    if type(err).__module__.startswith(("lrtt", "builtins")):
-        return text
-    return f"{type(err).__module__.split('.')[0]} failed: {text}"
+    if not type(err).__module__.startswith(("lrtt", "builtins")):
+        text = f"{type(err).__module__.split('.')[0]} failed: {text}"
+    return one_line(text)
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line: its first :data:`MAX_LINES` lines joined with "; ", then how many
+    were left out, then its last line (where lrtt's messages give the fix)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > MAX_LINES + 1:
+        left_out = len(lines) - MAX_LINES - 1
+        lines = [*lines[:MAX_LINES], f"… and {left_out} more line{'s' if left_out > 1 else ''}", lines[-1]]
+    joined = "; ".join(lines)
+    if len(joined) > MAX_CHARS:
+        joined = joined[: MAX_CHARS - 1] + "…"
+    return joined
+
+
+def _stopped(signum: int, invocation: Any = None) -> str:
+    """The one line printed when a signal stops the command: the signal and the last committed
+    checkpoint of the run (read off its directory)."""
+    line = f"lrtt: stopped by {_signals.NAMES.get(signum, f'signal {signum}')}"
+    if invocation is None or invocation.command != "train" or not invocation.output_dir:
+        return line
+    run = Path(invocation.output_dir)
+    steps = _signals.committed_steps(run / "checkpoints")
+    if steps:
+        return f"{line}; the last committed checkpoint is step {steps[-1]} in {run} (resume with `lrtt train`)"
+    return f"{line}; no checkpoint of {run} has been committed (`lrtt train` starts it again)"
 
 
 def _quiet_orbax_leftovers() -> None:
@@ -95,16 +134,38 @@ def _quiet_orbax_leftovers() -> None:
     sys.unraisablehook = hook
 
 
+class _Invocation:
+    """What the stop message needs to know about the command line (filled in as it is read)."""
+
+    command: str | None = None
+    output_dir: str | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    invocation = _Invocation()
+    with _signals.installed(lambda signum: _stopped(signum, invocation)):
+        try:
+            return _run(argv, invocation)
+        except KeyboardInterrupt as err:  # a signal, at any moment (startup included)
+            signum = getattr(err, "signum", signal.SIGINT)
+            _signals.stand_down()
+            print(_stopped(signum, invocation), file=sys.stderr)
+            return _signals.STATUS.get(signum, 130)
+
+
+def _run(argv: list[str] | None, invocation: _Invocation) -> int:
     _quiet()
     if not os.environ.get("LRTT_DEBUG"):
         _quiet_orbax_leftovers()
     args = _parser().parse_args(argv)
+    invocation.command = args.command
     with needs_extra():
         from lrtt.cli import _config, _job
 
     try:
         config = _config.load(args.config, args.overrides)
+        invocation.output_dir = config.output.dir
+        _signals.check()
         restore = _job.RestoreFrom(getattr(args, "restore_step", None), getattr(args, "fallback", False))
         if args.command == "train":
             from lrtt.cli import _cluster
@@ -114,25 +175,26 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             print(json.dumps(_job.evaluate(config, args.split, restore), indent=2))
         elif args.command == "export":
-            print(f"merged params written to {_job.export(config, out=args.out, restore=restore)}")
+            path = _job.export(config, out=args.out, restore=restore, overwrite=args.overwrite)
+            print(f"merged params written to {path}")
         else:
             method = _job.build_method(config)
             from lrtt.cli._tasks import build_task
 
             print(_job.count_table(build_task(config).params, method))
     except _config.ConfigError as err:
-        print(f"lrtt: error: {err}", file=sys.stderr)
+        print(f"lrtt: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lrtt: interrupted; the last committed checkpoint is kept (resume with `lrtt train`)", file=sys.stderr)
-        return 130
-    except Exception as err:  # every expected failure is one sentence; LRTT_DEBUG=1 for the traceback
+        raise
+    except Exception as err:  # every expected failure is one line; LRTT_DEBUG=1 for the traceback
         if os.environ.get("LRTT_DEBUG"):
             raise
         code = 3 if isinstance(err, FloatingPointError) else 2 if isinstance(err, (ValueError, TypeError)) else 1
-        print(f"lrtt: error: {_message(err)}\n(set LRTT_DEBUG=1 to see the traceback)", file=sys.stderr)
+        print(f"lrtt: error: {_message(err)} (LRTT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return code
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -75,3 +76,123 @@ def set_aside(checkpoints: Path, steps: list[int], run: Path) -> Path | None:
     for step in steps:
         shutil.move(str(checkpoints / str(step)), str(target / str(step)))
     return target
+
+
+# -- what lrtt wrote: the run marker and the config history ---------------------------------------
+
+MARKER = "lrtt-run.json"  # {"format": "lrtt-run", "version": 1, "id": ..., "created": ...}
+CONFIG = "config.json"  # the run's settings: the current ones and every earlier version
+MARKER_FORMAT = "lrtt-run"
+CONFIG_FORMAT = "lrtt-run-config"
+
+
+class RunDirectoryError(ValueError):
+    """``output.dir`` holds files that lrtt did not write (no run marker), or a damaged marker."""
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{names[:limit]}{more}"
+
+
+def _legacy_run(run: Path) -> bool:
+    """A run written before lrtt marked its runs: a ``config.json`` of lrtt's schema beside
+    ``checkpoints/``."""
+    try:
+        config = json.loads((run / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and {"model", "method", "train", "output"} <= set(config)
+            and (run / "checkpoints").is_dir())
+
+
+def run_id(run: Path) -> str | None:
+    """The id in ``run``'s marker, or None when it has none (a new or empty directory, or a run
+    written before markers).
+
+    Raises:
+      RunDirectoryError: the marker does not read back as lrtt's.
+    """
+    path = run / MARKER
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+        if marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("id"), str):
+            raise ValueError(f"format {marker.get('format')!r}")
+    except (OSError, ValueError, AttributeError) as err:
+        raise RunDirectoryError(
+            f"{path} is not a readable lrtt run marker ({type(err).__name__}: {str(err)[:80]}); lrtt will not "
+            f"write into {run}. Restore the file, or set output.dir to a new directory."
+        ) from None
+    return marker["id"]
+
+
+def check_owned(run: Path) -> str:
+    """The run's id, after checking that ``run`` is lrtt's to write in: missing, empty (a lock
+    file aside), marked as an lrtt run, or an lrtt run from before markers. A new id for a new
+    run (written into the marker by :func:`mark`).
+
+    Raises:
+      RunDirectoryError: ``run`` is a file, or holds files but no lrtt run marker.
+    """
+    if run.exists() and not run.is_dir():
+        raise RunDirectoryError(f"`output.dir` {str(run)!r} is a file, not a directory; choose another output.dir.")
+    existing = run_id(run) if run.is_dir() else None
+    if existing is not None:
+        return existing
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir() if p.name != LOCK) if run.is_dir() else []
+    if names and not _legacy_run(run):
+        raise RunDirectoryError(
+            f"`output.dir` {str(run)!r} holds files lrtt did not write ({_shown(names)}) and no lrtt run marker "
+            f"({MARKER}): training there could overwrite them. Set output.dir to a new or empty directory."
+        )
+    return uuid.uuid4().hex
+
+
+def mark(run: Path, identity: str) -> None:
+    """Write ``run``'s marker (once: an existing marker is kept)."""
+    path = run / MARKER
+    if path.exists():
+        return
+    marker = {"format": MARKER_FORMAT, "version": 1, "id": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_json(path, marker)
+
+
+def remove_if_untouched(run: Path) -> None:
+    """Remove ``run`` if it holds nothing but the lock file (a run refused before it wrote)."""
+    try:
+        if {p.name for p in run.iterdir()} <= {LOCK}:
+            (run / LOCK).unlink(missing_ok=True)
+            run.rmdir()
+    except OSError:
+        pass
+
+
+def config_history(run: Path) -> list[dict]:
+    """The run's config versions, oldest first: ``[{"step": s, "config": {...}, "changes": [...]}]``
+    (``step``: where the version took effect). A ``config.json`` of an lrtt from before the
+    history is one version from step 0; no file, no versions."""
+    path = run / CONFIG
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirectoryError(f"{path} does not read back as JSON ({str(err)[:80]}); restore it, or set "
+                                "output.dir to a new directory.") from None
+    if isinstance(saved, dict) and saved.get("format") == CONFIG_FORMAT:
+        return list(saved["history"])
+    return [{"step": 0, "config": saved, "changes": []}]
+
+
+def write_config(run: Path, history: list[dict]) -> None:
+    """``config.json``: the current settings (``config``) and every version (``history``)."""
+    _write_json(run / CONFIG, {"format": CONFIG_FORMAT, "version": 2, "config": history[-1]["config"],
+                               "history": history})
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt.cli._config import RunConfig
+from lrtt.cli._config import ConfigError, RunConfig
 
 
 @dataclasses.dataclass
@@ -35,12 +35,22 @@ def _cross_entropy(logits, labels):
     return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
+def check_positions(config: RunConfig, positions: int, name: str) -> None:
+    """Refuse ``data.max_len`` past the model's position embeddings (it would index past them)."""
+    if config.data.max_len > positions:
+        raise ConfigError(
+            f"`data.max_len`={config.data.max_len} is past {name}'s {positions} positions "
+            f"(max_position_embeddings); set data.max_len to {positions} or less."
+        )
+
+
 def classification_task(config: RunConfig) -> Task:
     """all-MiniLM-L6-v2 with a fresh 5-way head on BBC News topics."""
     from lrtt.cli._data import BBC_CLASSES, bbc_news, encode_classification
     from lrtt.cli.zoo import load_minilm
 
     model, tokenizer = load_minilm(num_labels=len(BBC_CLASSES), seed=config.train.seed)
+    check_positions(config, model.config.max_position_embeddings, "all-MiniLM-L6-v2")
     raw = bbc_news(seed=config.data.seed)
     limits = {"train": config.data.train_limit, "validation": config.data.eval_limit, "test": config.data.eval_limit}
     # Each example is encoded on its own (truncated, padded to max_len): limiting first is the same, faster.
@@ -68,6 +78,7 @@ def lm_task(config: RunConfig) -> Task:
     from lrtt.cli.zoo import load_smollm2
 
     model, tokenizer = load_smollm2()
+    check_positions(config, model.config.max_position_embeddings, "SmolLM2-135M")
     raw = bbc_news(seed=config.data.seed)
     splits = {}
     for name, examples in raw.items():
