@@ -60,6 +60,9 @@ class Family:
         ``lm_head``.
       adp_after, adp_before: regexes of the kernels LoRETTA_adp's reference placement puts an
         adapter after (``h + f(h)``) or before (``(x + f(x)) W0``).
+      peft_modules: for params whose layers are stacked (``"layer in out"``), each kernel's PyTorch
+        module per layer: ``(regex, replacement)`` pairs for ``re.sub``, ``{i}`` in the replacement
+        standing for the layer (PEFT's files name one module per layer).
     """
 
     name: str
@@ -72,6 +75,7 @@ class Family:
     tied_embedding: str | None = None
     adp_after: tuple[str, ...] = ()
     adp_before: tuple[str, ...] = ()
+    peft_modules: tuple[tuple[str, str], ...] = ()
 
     def preset_kinds(self, preset: str) -> tuple[str, ...]:
         if preset == "qv":
@@ -127,6 +131,9 @@ _GEMMA_LAYOUTS = (
 )
 _MAXTEXT_SCANNED = r"(^|/)decoder/layers/"  # scan_layers: true, param_scan_axis: 1
 _MAXTEXT = r"(^|/)decoder/layers(_\d+)?/"
+
+_LRTT_MODELS_ATTENTION = {k: rf"^layers/attn/{k}_proj/kernel$" for k in ATTENTION}  # lrtt.models' decoder
+_LRTT_MODELS_LAYOUTS = ((r"^layers/.*/kernel$", "layer in out"),)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -213,6 +220,21 @@ FAMILIES: tuple[Family, ...] = (
          (r"(^|/)self_attention/qkv_proj/kernel$", "in out out out"),
          (r"(^|/)self_attention/out/kernel$", "in in out"),
          (r"(^|/)mlp/wi/kernel$", "in out out")),
+    ),
+    Family(
+        "lrtt_models", "lrtt.models (Hugging Face Llama, Mistral, Qwen2/3, Gemma 1/2/3; layers stacked)",
+        r"^layers/mlp/gate_proj/kernel$",
+        {**_LRTT_MODELS_ATTENTION, "gate": r"^layers/mlp/gate_proj/kernel$", "up": r"^layers/mlp/up_proj/kernel$",
+         "down": r"^layers/mlp/down_proj/kernel$"},
+        _LRTT_MODELS_LAYOUTS,
+        peft_modules=((r"^layers/attn/(q|k|v|o)_proj/kernel$", r"model.layers.{i}.self_attn.\1_proj"),
+                      (r"^layers/mlp/(gate|up|down)_proj/kernel$", r"model.layers.{i}.mlp.\1_proj")),
+    ),
+    Family(
+        "lrtt_models_gpt2", "lrtt.models (Hugging Face GPT-2, q/k/v split; layers stacked)",
+        r"^layers/attn/q_proj/kernel$",
+        {**_LRTT_MODELS_ATTENTION, "fc_in": r"^layers/mlp/up_proj/kernel$", "fc_out": r"^layers/mlp/down_proj/kernel$"},
+        _LRTT_MODELS_LAYOUTS,
     ),
 )
 """The known families, tried in order (OPT before Llama: both name ``self_attn/q_proj``;

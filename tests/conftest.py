@@ -89,3 +89,35 @@ def perturb(tree, key, scale=0.1):
     keys = jax.random.split(key, len(leaves))
     noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, noisy)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size) -> path``: a fresh tmpfs of ``size`` (e.g. ``"256k"``) under ``tmp_path``,
+    unmounted after the test; ``remount(path, size)`` grows it ("space freed"). Needs root (CI
+    runs as root): skipped with the reason where it cannot mount."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str):
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (os.geteuid() != 0)")
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs at {path}: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    def remount(path, size: str):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+    mount.remount = remount
+    try:
+        yield mount
+    finally:
+        for path in mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)

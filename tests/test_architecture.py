@@ -35,6 +35,13 @@ def test_the_library_never_imports_the_application():
     assert not bad, f"library modules import the application or its requirements: {bad}"
 
 
+def test_import_lrtt_does_not_load_lrtt_models():
+    """``lrtt.models`` sits above the core: the core never imports it, and ``import lrtt`` does not."""
+    code = "import sys, lrtt; print(sorted(m for m in sys.modules if m.startswith('lrtt.models')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_import_lrtt_loads_no_application_module():
     code = ("import sys, lrtt; bad = sorted(m for m in sys.modules if m.startswith('lrtt.cli') "
             "or m.split('.')[0] in {'yaml', 'tqdm', 'matplotlib'}); print(bad)")
@@ -53,6 +60,7 @@ LAYERS = (
     {"_factored", "_count", "optim"},
     {"io", "train"},
     {"__init__"},
+    {"models"},
     {"cli"},
 )
 
@@ -95,14 +103,14 @@ def test_the_application_uses_the_public_api():
     bad = {}
     for path in (ROOT / "cli").rglob("*.py"):
         private = {n for n in _imports(path) if n.startswith("lrtt.") and not n.startswith("lrtt.cli")
-                   and any(part.startswith("_") for part in n.split(".")[1:-1] + [n.split(".")[1]])
+                   and any(part.startswith("_") for part in n.split(".")[1:])  # a private module or name
                    and not n.startswith("lrtt._extras")}
         if private:
             bad[str(path.relative_to(ROOT))] = sorted(private)
     assert not bad, f"the CLI imports private library modules: {bad}"
 
 
-NAMESPACES = ("lrtt", "lrtt.io", "lrtt.methods", "lrtt.optim", "lrtt.train", "lrtt.tt")
+NAMESPACES = ("lrtt", "lrtt.io", "lrtt.methods", "lrtt.models", "lrtt.optim", "lrtt.train", "lrtt.tt")
 
 
 def test_public_namespaces_are_curated():

@@ -398,24 +398,9 @@ def test_a_checkpoint_path_orbax_cannot_use_is_refused_at_once_and_others_round_
     assert cli.main(_args("eval", fine)) == 0 and _steps(fine) == [2]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1200 KiB tmpfs: room for one MiniLM LoRA checkpoint (about 0.7 MB), not two."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def test_a_full_disk_stops_the_run_at_the_save_that_fails_and_resume_works_after(small_disk, capsys):
-    run = small_disk / "run"
+def test_a_full_disk_stops_the_run_at_the_save_that_fails_and_resume_works_after(tmpfs, capsys):
+    disk = tmpfs("1200k")  # room for one MiniLM LoRA checkpoint (about 0.7 MB), not two
+    run = disk / "run"
     args = _args("train", run, "--set", "train.steps=6", "--set", "output.export=false", "--set", "train.eval_every=100")
     assert cli.main(args) == 1
     line = _one_error_line(capsys.readouterr().err)
@@ -424,6 +409,6 @@ def test_a_full_disk_stops_the_run_at_the_save_that_fails_and_resume_works_after
     assert not [p for p in (run / "checkpoints").iterdir() if "tmp" in p.name]
     logged = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) == 4, logged  # the step whose save failed; no step after it
-    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
+    tmpfs.remount(disk, "8m")  # space freed
     assert cli.main(args) == 0
     assert _steps(run) == [2, 4, 6]

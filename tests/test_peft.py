@@ -479,3 +479,59 @@ def test_real_peft_non_lora_adapters_are_refused(tmp_path, interop, kind):
         interop.peft.get_peft_model(pair.fresh(), config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=f"PEFT {expected} adapter"):
         lrtt.load_peft(tmp_path, pair.params)
+
+
+# --- check="vllm": vLLM's serving rules, checked before anything is written -------------------
+
+
+def _vllm_params():
+    w = lambda *s: jnp.ones(s)  # noqa: E731
+    return {"model": {"layers": {"0": {"self_attn": {"q_proj": {"kernel": w(16, 32)}, "v_proj": {"kernel": w(16, 32)}}}},
+                      "embed_tokens": {"embedding": w(64, 16)}},
+            "lm_head": {"kernel": w(16, 64)}}
+
+
+def _vllm_save(tmp_path, method):
+    params = _vllm_params()
+    adapter = jax.tree.map(lambda x: x + 1.0, method.init(KEY, params))
+    directory = tmp_path / "adapter"
+    return directory, lambda: lrtt.save_peft(directory, method, adapter, params, check="vllm")
+
+
+@pytest.mark.parametrize("rank, fix", [(4, "use rank=8"), (12, "use rank=16")])
+def test_vllm_check_refuses_a_rank_vllm_does_not_serve(tmp_path, rank, fix):
+    directory, save = _vllm_save(tmp_path, lrtt.LoRA(rank=rank, targets="q_proj|v_proj"))
+    with pytest.raises(ValueError, match=rf"rank {rank} is not one vLLM serves: {fix} \(max_lora_rank ∈ \{{1, 8, 16"):
+        save()
+    assert not directory.exists()  # nothing written
+
+
+def test_vllm_check_names_each_rank_of_a_rank_pattern(tmp_path):
+    method = lrtt.LoRA(rank=8, targets="q_proj|v_proj", rank_pattern={"v_proj": 4})
+    directory, save = _vllm_save(tmp_path, method)
+    with pytest.raises(ValueError, match=r"rank 4 \(at \['model.layers.0.self_attn.v_proj'\]\) is not one vLLM serves"):
+        save()
+    assert not directory.exists()
+
+
+def test_vllm_check_refuses_the_head_and_trainable_leaves(tmp_path):
+    directory, save = _vllm_save(tmp_path, lrtt.LoRA(rank=8, targets="q_proj|lm_head"))
+    with pytest.raises(ValueError, match=r"linear layers of the decoder only, not on \['lm_head'\]"):
+        save()
+    directory, save = _vllm_save(tmp_path, lrtt.LoRA(rank=8, targets="q_proj", trainable="^model/embed_tokens/"))
+    with pytest.raises(ValueError, match=r"vLLM does not serve modules_to_save.*Train without `trainable`"):
+        save()
+    assert not directory.exists()
+
+
+def test_vllm_check_refuses_dora_and_passes_a_servable_adapter(tmp_path):
+    with pytest.raises(ValueError, match=r"rank 600 is not one vLLM serves: use rank=512 or less"):
+        lrtt.io._peft.check_vllm({}, {"model.layers.0.self_attn.q_proj": 600})
+    with pytest.raises(ValueError, match=r"vLLM does not serve DoRA"):
+        lrtt.io._peft.check_vllm({"use_dora": True}, {"model.layers.0.self_attn.q_proj": 8})
+    with pytest.raises(ValueError, match=r"`check` must be one of \[None, 'vllm'\]"):
+        lrtt.save_peft(tmp_path / "x", lrtt.LoRA(rank=8, targets="q_proj"), {}, {}, check="tgi")
+    directory, save = _vllm_save(tmp_path, lrtt.LoRA(rank=16, targets="q_proj|v_proj"))
+    config = save()
+    assert config["r"] == 16 and not config["modules_to_save"] and not config["use_dora"]
+    assert (directory / "adapter_model.safetensors").is_file()

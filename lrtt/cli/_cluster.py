@@ -28,7 +28,7 @@ import numpy as np
 
 from lrtt.cli import _signals
 from lrtt.cli._config import ConfigError
-from lrtt.cli._rundir import RunLockedError, locked, remove_if_untouched
+from lrtt.cli._rundir import RunDirectoryError, RunLockedError, locked, remove_if_untouched
 
 T = TypeVar("T")
 MESSAGE_BYTES = 4096  # the longest error message process 0 shares with the others
@@ -145,7 +145,7 @@ def _decode(buffer: np.ndarray) -> tuple[bool, str, str]:
     return bool(buffer[0]), kind, text
 
 
-_SHARED_ERRORS = {"RunLockedError": RunLockedError, "ConfigError": ConfigError}
+_SHARED_ERRORS = {"RunLockedError": RunLockedError, "ConfigError": ConfigError, "RunDirectoryError": RunDirectoryError}
 
 
 def on_primary(cluster: Cluster, fn: Callable[[], T]) -> T | None:

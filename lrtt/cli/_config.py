@@ -4,6 +4,7 @@ A config has five sections (and an optional sixth, ``quantize``); every key is c
 name the file, the key, what was given and what is allowed)::
 
     model: minilm            # minilm (BERT, classification) | smollm2 (Llama, language model)
+                             # | {path: DIR, dtype: bfloat16}: a transformers checkpoint directory (LM)
     method: {name: loretta_rep, rank: 8, tt_rank: 5, targets: qv, trainable: '^classifier/'}
     data: {max_len: 128, seed: 0}
     train: {steps: 300, batch_size: 16, lr: 5.0e-3, ...}
@@ -50,6 +51,8 @@ from typing import Any, NamedTuple
 import yaml
 
 MODELS = ("minilm", "smollm2")
+MODEL_KEYS = ("path", "dtype")  # `model: {path: DIR, dtype: ...}`: a checkpoint directory (lrtt.models.load)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("full", "lora", "loretta_rep", "loretta_adp")
 
 
@@ -97,7 +100,7 @@ class OutputConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    model: str
+    model: str | dict  # a bundled model's name, or {"path": DIR, "dtype": ...} (a checkpoint directory)
     method: dict
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -107,6 +110,11 @@ class RunConfig:
     @property
     def method_name(self) -> str:
         return self.method["name"]
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint directory of ``model: {path: DIR}``, or None for a bundled model."""
+        return self.model["path"] if isinstance(self.model, dict) else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -269,15 +277,17 @@ def _one_line(err: yaml.YAMLError, *, columns: bool = False) -> str:
     return text if len(text) <= 4 * SHOW_LIMIT else text[: 4 * SHOW_LIMIT] + "…"
 
 
-def _load_yaml(text: str, where: str) -> Any:
-    """``text`` parsed by :class:`_StrictLoader`; every YAML failure a one-line ConfigError."""
+def _load_yaml(text: str, where: str, *, columns: bool = False, fix: str = "") -> Any:
+    """``text`` parsed by :class:`_StrictLoader`; every YAML failure a one-line ConfigError
+    (``columns``: with the column of the error; ``fix``: the way out, appended)."""
     loader = _StrictLoader(text)
+    fix = f"; {fix}" if fix else ""
     try:
         return loader.get_single_data()
     except _DuplicateKey as err:
-        raise ConfigError(f"{where}: {err.describe()}.") from None
+        raise ConfigError(f"{where}: {err.describe(columns=columns)}.") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {_one_line(err)}.") from None
+        raise ConfigError(f"{where}: not valid YAML: {_one_line(err, columns=columns)}{fix}.") from None
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply to read; a config is a few levels of mappings.") from None
     finally:
@@ -369,19 +379,7 @@ def override_value(text: str, *, item: str | None = None, source: str = "--set")
 
 def _flow(word: str, where: str, fix: str) -> Any:
     """``word`` parsed as YAML; a failure names the override, what it should be and the way out."""
-    loader = _StrictLoader(word)
-    try:
-        return loader.get_single_data()
-    except _DuplicateKey as err:
-        raise ConfigError(f"{where}: {err.describe(columns=True)}.") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"{where}: not valid YAML: {_one_line(err, columns=True)}; {fix}."
-        ) from None
-    except RecursionError:
-        raise ConfigError(f"{where}: nested too deeply to read.") from None
-    finally:
-        loader.dispose()
+    return _load_yaml(word, where, columns=True, fix=fix)
 
 
 def _split_override(item: str, source: str) -> tuple[list[str], str]:
@@ -544,7 +542,7 @@ def parse(raw: Any, *, source: str = "config") -> RunConfig:
     for key in ("model", "method"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key `{key}`.")
-    _check_choice(raw["model"], MODELS, "model", source)
+    model = _model(raw["model"], source)
     method = raw["method"]
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError(
@@ -560,7 +558,40 @@ def parse(raw: Any, *, source: str = "config") -> RunConfig:
             f"{source}: `output.dir` must name a directory, got {show(sections['output'].dir)}; "
             "set it in the file or with --set output.dir=runs/NAME."
         )
-    return RunConfig(model=raw["model"], method=dict(method), **sections)
+    return RunConfig(model=model, method=dict(method), **sections)
+
+
+def _model(value: Any, source: str) -> str | dict:
+    """``model``: a bundled model's name, or ``{path: DIR, dtype: ...}`` (keys checked; DIR must be a
+    directory holding ``config.json``), returned with every key (``dtype`` default float32)."""
+    if not isinstance(value, dict):
+        if not isinstance(value, str) or value not in MODELS:
+            raise ConfigError(
+                f"{source}: `model` must be one of {list(MODELS)} or {{path: DIR}}, got {show(value)}"
+                f"{_suggest(value, MODELS)}"
+            )
+        return value
+    for key in value:
+        if key not in MODEL_KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {_key(f'model.{key}')}; allowed: {', '.join(MODEL_KEYS)}{_suggest(key, MODEL_KEYS)}"
+            )
+    if "path" not in value:
+        raise ConfigError(f"{source}: `model` as a mapping needs `path`, a transformers checkpoint directory "
+                          "(config.json + safetensors).")
+    path, dtype = value["path"], value.get("dtype", "float32")
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"{source}: `model.path` must name a checkpoint directory, got {show(path)}.")
+    _check_choice(dtype, MODEL_DTYPES, "model.dtype", source)
+    where = Path(path).expanduser()
+    if not where.is_dir():
+        what = "does not exist" if not where.exists() else "is not a directory"
+        raise ConfigError(f"{source}: `model.path` {show(path)} {what}; give a transformers checkpoint directory "
+                          "(what save_pretrained writes: config.json + model.safetensors).")
+    if not (where / "config.json").is_file():
+        raise ConfigError(f"{source}: `model.path` {show(path)} holds no config.json: not a transformers checkpoint "
+                          "directory (what save_pretrained writes: config.json + model.safetensors).")
+    return {"path": path, "dtype": dtype}
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -588,7 +619,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 # Resuming: which keys may change between a run's start and its resumption.
 
 FIXED: dict[str, str] = {  # key -> what a change would reinterpret: refused on resume
-    "model": "the base weights the adapter was trained on",
+    "model": "the base weights the adapter was trained on (a name, or a checkpoint's path and dtype)",
     "method.*": "the adapter's parameters: their shapes and what they mean (name, rank, targets, tt_rank, ...)",
     "quantize.qtype": "the frozen base the adapter was trained against",
     "quantize.block_size": "the frozen base the adapter was trained against",
@@ -690,7 +721,11 @@ def resume_changes(old: dict, new: RunConfig) -> tuple[list[Change], list[Change
         else:
             section, _, field = key.partition(".")
             before, after = _saved(old, key), (current[section][field] if field else current[section])
-            changes = [] if _plain(before) == _plain(after) else [Change(key, before, after)]
+            if key == "model" and isinstance(before, dict) and isinstance(after, dict):  # {path, dtype}: by key
+                changes = [Change(f"model.{k}", before.get(k, UNSET), after.get(k, UNSET))
+                           for k in dict.fromkeys([*after, *before]) if _plain(before.get(k)) != _plain(after.get(k))]
+            else:
+                changes = [] if _plain(before) == _plain(after) else [Change(key, before, after)]
         (refused if key in FIXED else applied).extend(changes)
     return refused, applied
 

@@ -74,8 +74,10 @@ def _batch_iterator(arrays: dict, batch_size: int, seed: int, position: tuple[in
             yield batch, (epoch, index)
 
 
-def evaluate_split(task: Task, method: Any, adapter: Any, split: str, batch_size: int) -> dict[str, float]:
-    """Average metrics of the adapted model over a whole split (no dropout)."""
+def evaluate_split(task: Task, method: Any, adapter: Any, split: str, batch_size: int, *,
+                   tokens: bool = False) -> dict[str, float]:
+    """Average metrics of the adapted model over a whole split (no dropout); with ``tokens``, a
+    language model's result also gives ``tokens``, the number of tokens its loss averages."""
 
     arrays = task.splits[split]
     n = len(next(iter(arrays.values())))
@@ -98,7 +100,10 @@ def evaluate_split(task: Task, method: Any, adapter: Any, split: str, batch_size
             entry = sums.setdefault(name, [0.0, 0])
             entry[0] += float(total)
             entry[1] += int(count)
-    return summarize({k: tuple(v) for k, v in sums.items()})
+    result = summarize({k: tuple(v) for k, v in sums.items()})
+    if tokens and task.name == "lm":
+        result = {"loss": result["loss"], "perplexity": result["perplexity"], "tokens": int(sums["loss"][1])}
+    return result
 
 
 def _log(path: Path, record: dict) -> None:
@@ -193,7 +198,8 @@ def train(config: RunConfig, *, progress: bool = True, restore: RestoreFrom = Re
                 if merged.exists() and not merged.is_dir():
                     raise ConfigError(f"{merged} is a file where the merged export goes; move it away, or set "
                                       "output.export=false.")
-                _check_export_target(merged, out, identity, overwrite=False)
+                # process 0 writes the export, so it alone judges the target (and every process learns the outcome)
+                _cluster.on_primary(cluster, lambda: _check_export_target(merged, out, identity, overwrite=False))
             _signals.check()
             task = build_task(config)
             _check_data(config, task)
@@ -443,7 +449,7 @@ def _write_outputs(config: RunConfig, method: Any, task: Task, adapter: Any, sum
     out = Path(config.output.dir)
     if "export" in summary:
         path = out / "merged"
-        lrtt.export_merged(method, task.params, adapter, path, model=task.model, source=identity)
+        write_export(config, method, task, adapter, path, default_format(config), source=identity)
         summary["export"] = str(path)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out / "metrics.jsonl", out / "curves.png")
@@ -497,26 +503,92 @@ def _cli_advice(manager: Any):
 
 
 def evaluate(config: RunConfig, split: str = "test", restore: RestoreFrom = RestoreFrom()) -> dict:
-    """Metrics of the run's latest checkpoint (or the one ``restore`` names) on ``split``."""
+    """Metrics of the run's latest checkpoint (or the one ``restore`` names) on ``split``: for a
+    language model ``{"loss", "perplexity", "tokens"}`` (``tokens``: those the loss averages)."""
     method = build_method(config)
     task = build_task(config)
     if split not in task.splits:
         raise ConfigError(f"`split` must be one of {sorted(task.splits)}, got {split!r}.")
     adapter = _restore_adapter(config, method, task, restore)
-    return evaluate_split(task, method, adapter, split, config.train.eval_batch_size)
+    return evaluate_split(task, method, adapter, split, config.train.eval_batch_size, tokens=True)
+
+
+EXPORT_FORMATS = ("hf", "peft", "flax")
+
+
+def default_format(config: RunConfig) -> str:
+    """``hf`` for a checkpoint-directory model (``model: {path: DIR}``), ``flax`` for a bundled one."""
+    return "hf" if config.checkpoint is not None else "flax"
+
+
+def _check_format(config: RunConfig, method: Any, fmt: str, serve_for: str | None) -> None:
+    """Refuse, before the model loads, a format the run's model or method cannot be exported in."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}.")
+    if fmt == "hf" and config.checkpoint is None:
+        raise ConfigError(f"--format hf writes a PyTorch-format checkpoint of a `model: {{path: DIR}}` run; the bundled "
+                          f"model {config.model!r} exports as --format flax (its transformers Flax directory) or peft.")
+    if fmt == "flax" and config.checkpoint is not None:
+        raise ConfigError("--format flax writes a transformers Flax directory of a bundled model; a checkpoint "
+                          "directory model exports as --format hf (what AutoModelForCausalLM loads) or peft.")
+    if serve_for is not None and fmt != "peft":
+        raise ConfigError(f"--for {serve_for} checks a PEFT adapter for serving: use it with --format peft (an hf "
+                          "export is a whole model, which vLLM serves as it is).")
+    if not method.mergeable:
+        raise ConfigError(f"method `{config.method_name}` has no {fmt} export: its adapters are non-linear, and "
+                          "merged models and PEFT LoRA files hold linear updates only; serve it through lrtt.factored.")
+    if serve_for == "vllm":  # the method's ranks and trainable leaves, before the model loads
+        ranks = {"method.rank": getattr(method, "rank", 8)}
+        ranks.update({f"method.rank_pattern {k!r}": v for k, v in dict(getattr(method, "rank_pattern", ()) or ()).items()})
+        trainable = getattr(method, "trainable", None)
+        try:
+            lrtt.io.check_vllm({"modules_to_save": [f"method.trainable {trainable!r}"] if trainable else None}, ranks)
+        except ValueError as err:
+            raise ConfigError(f"--for vllm: {err}") from None
+
+
+def write_export(config: RunConfig, method: Any, task: Task, adapter: Any, path: Path, fmt: str, *,
+                 source: str | None, overwrite: bool = False, serve_for: str | None = None) -> None:
+    """Write the export of ``fmt`` at ``path`` under lrtt's ownership rules (an existing ``path``
+    must be an lrtt export of ``source``; ``overwrite``: of another source too):
+
+    * ``flax``: the merged params by the bundled model's ``save_pretrained`` (:func:`lrtt.export_merged`);
+    * ``hf``: the merged params by :func:`lrtt.models.save` (PyTorch-format safetensors, the
+      checkpoint's config.json and tokenizer files), for ``AutoModelForCausalLM.from_pretrained``;
+    * ``peft``: the adapter by :func:`lrtt.save_peft` (``serve_for="vllm"``: ``check="vllm"``).
+    """
+    if fmt == "flax":
+        lrtt.export_merged(method, task.params, adapter, path, model=task.model, source=source, overwrite=overwrite)
+    elif fmt == "hf":
+        import lrtt.models as lrtt_models  # binds lrtt_models only (a bare `import lrtt.models` would make lrtt local)
+
+        dtype = config.model["dtype"] if isinstance(config.model, dict) else None
+        merged = lrtt.merge(method, task.params, adapter, dtype=dtype)
+        lrtt.io.export_directory(path, lambda staging: lrtt_models.save(staging, task.model, merged),
+                                 source=source, overwrite=overwrite)
+    else:
+        task_type = "CAUSAL_LM" if task.name == "lm" else "SEQ_CLS"
+        base = config.checkpoint and str(Path(config.checkpoint).expanduser().resolve())
+        lrtt.io.export_directory(
+            path,
+            lambda staging: lrtt.save_peft(staging, method, adapter, task.params, task_type=task_type,
+                                           base_model_name_or_path=base, check=serve_for),
+            source=source, overwrite=overwrite)
 
 
 def export(config: RunConfig, *, out: str | None = None, restore: RestoreFrom = RestoreFrom(),
-           overwrite: bool = False) -> Path:
-    """Write the merged params of the run's checkpoint as a transformers ``save_pretrained``
-    directory: ``<output.dir>/merged`` by default, or ``out``.
+           overwrite: bool = False, format: str | None = None, serve_for: str | None = None) -> Path:
+    """Write the run's checkpoint as ``format`` (:func:`write_export`): ``<output.dir>/merged`` by
+    default, or ``out``. ``format`` defaults to ``hf`` for a checkpoint-directory model, ``flax``
+    for a bundled one; ``serve_for="vllm"`` (with ``peft``) refuses an adapter vLLM does not serve.
 
     ``out`` must be outside the run directory (``<output.dir>/merged`` aside) and, if it exists,
     an empty directory or an lrtt export of this run (``overwrite``: of another run too); it is
-    checked before the model loads.
+    checked before the model loads, for every format.
 
     Raises:
-      ConfigError: ``out`` is the run directory or inside it.
+      ConfigError: ``out`` is the run directory or inside it; a format the model or method has
+        not; an adapter vLLM does not serve (``serve_for="vllm"``).
       ExportError: ``out`` holds something lrtt did not export (left as it is).
     """
     run = Path(config.output.dir)
@@ -524,9 +596,11 @@ def export(config: RunConfig, *, out: str | None = None, restore: RestoreFrom = 
     identity = run_id(run) if run.is_dir() else None
     _check_export_target(path, run, identity, overwrite=overwrite)
     method = build_method(config)
+    fmt = format or default_format(config)
+    _check_format(config, method, fmt, serve_for)
     task = build_task(config)
     adapter = _restore_adapter(config, method, task, restore)
-    lrtt.export_merged(method, task.params, adapter, path, model=task.model, source=identity, overwrite=overwrite)
+    write_export(config, method, task, adapter, path, fmt, source=identity, overwrite=overwrite, serve_for=serve_for)
     return path
 
 

@@ -4,6 +4,7 @@
     lrtt train CONFIG --coordinator-address 10.0.0.2:8476 --num-processes 2 --process-id 0   # host 0 of 2
     lrtt eval configs/minilm_bbc_loretta_rep.yaml --split test
     lrtt export configs/minilm_bbc_loretta_rep.yaml --out merged/
+    lrtt export my_llama.yaml --format peft --for vllm --out adapter/   # model: {path: DIR, dtype: bfloat16}
     lrtt count configs/smollm2_bbc_loretta_rep.yaml
 
 Exit status: 0 done; 2 a config, setting or file that does not fit (nothing in the run changed);
@@ -69,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                         "must be an lrtt export of this run (or an empty directory)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an lrtt export of another run at --out (never anything else)")
+    export.add_argument("--format", default=None, choices=("hf", "peft", "flax"),
+                        help="hf: the merged model as a PyTorch-format transformers checkpoint (default for "
+                             "model: {path: DIR}); peft: the adapter as a PEFT LoRA directory; flax: the merged "
+                             "transformers Flax directory (default for the bundled models)")
+    export.add_argument("--for", dest="serve_for", default=None, choices=("vllm",),
+                        help="with --format peft: refuse an adapter vLLM does not serve (rank, modules, "
+                             "modules_to_save), before anything is written")
     add("count", "print the trainable-parameter table (from shapes only)")
     return parser
 
@@ -173,10 +181,17 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
             _cluster.join(args.coordinator_address, args.num_processes, args.process_id)
             _job.train(config, progress=not args.no_progress, restore=restore)
         elif args.command == "eval":
-            print(json.dumps(_job.evaluate(config, args.split, restore), indent=2))
+            result = _job.evaluate(config, args.split, restore)
+            if "perplexity" in result:  # a language model: one JSON line {"loss", "perplexity", "tokens"}
+                print(json.dumps(result))
+            else:
+                print(json.dumps(result, indent=2))
         elif args.command == "export":
-            path = _job.export(config, out=args.out, restore=restore, overwrite=args.overwrite)
-            print(f"merged params written to {path}")
+            path = _job.export(config, out=args.out, restore=restore, overwrite=args.overwrite,
+                               format=args.format, serve_for=args.serve_for)
+            what = {"peft": "PEFT adapter"}.get(args.format, "merged params")
+            fmt = args.format or _job.default_format(config)
+            print(f"{what} ({fmt}) written to {path}")
         else:
             method = _job.build_method(config)
             from lrtt.cli._tasks import build_task

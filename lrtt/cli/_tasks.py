@@ -104,10 +104,82 @@ def lm_task(config: RunConfig) -> Task:
     return Task("lm", model, model.params, splits, apply, loss, metrics, "perplexity")
 
 
+def checkpoint_tokenizer(directory: str):
+    """The ``tokenizers.Tokenizer`` of a checkpoint directory (its ``tokenizer.json``).
+
+    Raises:
+      ConfigError: the directory has no ``tokenizer.json`` (naming it and the fix).
+    """
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    file = Path(directory).expanduser() / "tokenizer.json"
+    if not file.is_file():
+        raise ConfigError(
+            f"`model.path` {str(directory)!r} holds no tokenizer.json: the language-model task tokenizes BBC News "
+            "with the checkpoint's own fast tokenizer. Copy the model's tokenizer.json into the directory "
+            "(transformers' AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes it)."
+        )
+    return Tokenizer.from_file(str(file))
+
+
+def checkpoint_lm_task(config: RunConfig) -> Task:
+    """A transformers checkpoint directory (``model: {path: DIR, dtype: ...}``) loaded with
+    :func:`lrtt.models.load`, next-token loss on BBC News text blocks of ``max_len`` tokens,
+    tokenized by the checkpoint's ``tokenizer.json``."""
+    import lrtt.models
+    from lrtt.cli._data import bbc_news, lm_blocks
+
+    directory = config.model["path"]
+    tokenizer = checkpoint_tokenizer(directory)  # before the weights: a missing tokenizer fails at once
+    try:
+        model, params = lrtt.models.load(directory, dtype=config.model["dtype"])
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"`model.path` {str(directory)!r}: {err}") from None
+    raw_config = model.config.raw
+    positions = raw_config.get("max_position_embeddings", raw_config.get("n_positions"))
+    if isinstance(positions, int):
+        check_positions(config, positions, str(directory))
+    eos = raw_config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    raw = bbc_news(seed=config.data.seed)
+    splits = {}
+    for name, examples in raw.items():
+        blocks = lm_blocks(tokenizer, [text for text, _ in examples], config.data.max_len,
+                           eos_id=eos if isinstance(eos, int) else None)
+        limit = config.data.train_limit if name == "train" else config.data.eval_limit
+        splits[name] = {"input_ids": blocks if limit is None else blocks[:limit]}
+    too_large = int(max(int(b["input_ids"].max(initial=0)) for b in splits.values()))
+    if too_large >= model.config.vocab_size:
+        raise ConfigError(f"`model.path` {str(directory)!r}: its tokenizer.json gives token id {too_large}, past the "
+                          f"model's vocab_size {model.config.vocab_size}: the tokenizer is not the model's.")
+
+    def apply(params, batch, rng):
+        del rng
+        return model(params, batch["input_ids"])
+
+    def token_losses(logits, batch):
+        ids = batch["input_ids"]
+        return _cross_entropy(logits[:, :-1], ids[:, 1:])
+
+    def loss(logits, batch):
+        return token_losses(logits, batch).mean()
+
+    def metrics(logits, batch):
+        losses = token_losses(logits, batch)
+        return {"loss": (losses.sum(), losses.size)}
+
+    return Task("lm", model, params, splits, apply, loss, metrics, "perplexity")
+
+
 def build_task(config: RunConfig) -> Task:
     """The task of ``config``; with ``quantize.qtype`` set, its frozen base quantized (every
     linear kernel but the head, :func:`lrtt.quantize`)."""
-    task = classification_task(config) if config.model == "minilm" else lm_task(config)
+    if config.checkpoint is not None:
+        task = checkpoint_lm_task(config)
+    else:
+        task = classification_task(config) if config.model == "minilm" else lm_task(config)
     if config.quantize.qtype != "none":
         import lrtt
 

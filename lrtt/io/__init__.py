@@ -11,8 +11,8 @@ from lrtt.io._checkpoint import (
     ForeignCheckpointError,
     NonFiniteError,
 )
-from lrtt.io._export import ExportError, ExportTarget, check_export_target, export_merged, inspect_export, load_merged
-from lrtt.io._peft import PeftFileError, load_peft, save_peft
+from lrtt.io._export import ExportError, ExportTarget, check_export_target, export_directory, export_merged, inspect_export, load_merged
+from lrtt.io._peft import PeftFileError, check_vllm, load_peft, save_peft
 
 __all__ = [
     "CheckpointCorruptError",
@@ -28,6 +28,8 @@ __all__ = [
     "NonFiniteError",
     "PeftFileError",
     "check_export_target",
+    "check_vllm",
+    "export_directory",
     "export_merged",
     "inspect_export",
     "load_merged",

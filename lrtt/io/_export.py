@@ -199,6 +199,44 @@ def export_merged(
     return merged
 
 
+def export_directory(path: str | os.PathLike, write: Any, *, source: str | None = None,
+                     overwrite: bool = False) -> list[str]:
+    """Write a directory export with ``write(staging_dir)`` under :func:`export_merged`'s
+    ownership rules: ``path`` checked first (:func:`check_export_target`), the files written
+    next to it under a temporary name, the manifest (``lrtt-export.json``, naming ``source``)
+    added last and read back, ``path`` checked again and only then replaced. For exports in a
+    format :func:`export_merged` does not write (``lrtt.models.save``, ``lrtt.save_peft``).
+
+    Returns:
+      The files of the export (relative paths, the manifest last).
+
+    Raises:
+      ExportError: ``path`` is a file or holds what lrtt may not replace; the export does not
+        read back.
+      Whatever ``write`` raises (``path`` is then left as it was).
+    """
+    path = os.path.abspath(os.fspath(path))
+    _check_options(source, overwrite)
+    _check_target(path, "pretrained")
+    _check_owner(path, source, overwrite)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        write(staging)
+        if not os.path.isdir(staging) or not os.listdir(staging):
+            raise ExportError(f"the export to {path!r} wrote no files.")
+        _write_manifest(staging, source)
+        _verify_mark(staging, source)
+        with open(os.path.join(staging, MANIFEST), encoding="utf-8") as f:
+            files = [*json.load(f)["files"], MANIFEST]
+        _check_owner(path, source, overwrite)  # again: `path` may have changed while writing
+        _swap_in(staging, path)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return files
+
+
 def _check_target(path: str, fmt: str) -> None:
     """Refuse a target of the wrong kind before any work: a file where a directory goes, or the
     reverse, or a parent that is a file."""

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from lrtt import _families
 from lrtt._adapter import LoraFactors, Trainable, TTFactors, entries
 from lrtt._extras import needs_extra
 from lrtt._paths import exact_patterns, named_leaves, nest
@@ -95,6 +96,7 @@ def save_peft(
     family: str | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    check: str | None = None,
 ) -> dict:
     """Write ``adapter`` as a PEFT LoRA directory that ``PeftModel.from_pretrained`` loads.
 
@@ -115,6 +117,10 @@ def save_peft(
       family: a family name of :mod:`lrtt._families` with a PyTorch twin (``"gpt2"``, ``"llama"``, ``"bert"``, ...); None detects it.
       base_model_name_or_path: written to the config (the Hub id PEFT loads the base from).
       task_type: PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, …) or None.
+      check: ``"vllm"``: refuse, before anything is written, an adapter vLLM does not serve
+        (:func:`check_vllm`): a rank that is not one of vLLM's ``max_lora_rank`` values
+        :data:`VLLM_RANKS`, LoRA on an embedding or the head, ``modules_to_save`` (lrtt's
+        ``trainable`` leaves), DoRA. None (default): no serving check.
 
     Returns:
       The ``adapter_config.json`` dict written.
@@ -122,8 +128,10 @@ def save_peft(
     Raises:
       NonFiniteError: a factor or trained tensor holds NaN or inf (nothing is written).
       ValueError: LorettaAdp (no PEFT equivalent), an empty adapter, stacked (``nn.scan``)
-        factors, LoRA on a leaf that is not a kernel, a ``trainable`` leaf inside a LoRA target,
-        or an unknown ``family`` / ``task_type``.
+        factors of a family with no per-layer PyTorch names (``lrtt.models``' params have them:
+        ``model.layers.N.self_attn.q_proj``, :mod:`lrtt.io._peft_stacked`), LoRA on a leaf that is not a kernel, a ``trainable`` leaf inside a LoRA target,
+        or an unknown ``family`` / ``task_type`` / ``check``; with ``check="vllm"``, what vLLM
+        would refuse (the message says what to change).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, lrtt
@@ -140,16 +148,32 @@ def save_peft(
     """
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"`task_type` must be one of {list(TASK_TYPES)} or None, got {task_type!r}.")
+    if check not in CHECKS:
+        raise ValueError(f"`check` must be one of {list(CHECKS)}, got {check!r}.")
     leaves = dict(named_leaves(params))
     family = names.resolve_family(list(leaves), family)
     low_rank, trained = _savable_entries(method, adapter)
-    tensors, ranks, alphas = _lora_tensors(method, low_rank, _targets(params, low_rank, method.layouts))
-    modules_to_save, saved, tie = _modules_to_save(trained, leaves, family, task_type, set(ranks))
-    tensors.update(saved)
-    modules = _flax_modules(leaves)
-    candidates = {names.torch_module(m) for m, ls in modules.items() if {"kernel", "embedding"} & set(ls)}
+    if check == "vllm" and trained:
+        raise ValueError(
+            f"vLLM does not serve modules_to_save, and the adapter trains {len(trained)} leaf/leaves in full "
+            f"(lrtt's `trainable`): {sorted(trained)[:3]}. Train without `trainable` (method.trainable=None), "
+            "or export the merged model instead (lrtt.models.save / lrtt export --format hf).")
+    stacked = _stacked_family(family)
+    if stacked is not None:  # layers stacked on a leading axis: one PyTorch module per layer
+        from lrtt.io import _peft_stacked
+
+        tensors, ranks, alphas, candidates = _peft_stacked.save_tensors(method, low_rank, trained, stacked, leaves)
+        modules_to_save, tie = [], False
+    else:
+        tensors, ranks, alphas = _lora_tensors(method, low_rank, _targets(params, low_rank, method.layouts))
+        modules_to_save, saved, tie = _modules_to_save(trained, leaves, family, task_type, set(ranks))
+        tensors.update(saved)
+        modules = _flax_modules(leaves)
+        candidates = {names.torch_module(m) for m, ls in modules.items() if {"kernel", "embedding"} & set(ls)}
     config = _adapter_config(method, ranks, alphas, candidates, modules_to_save, tie, family, task_type)
     config["base_model_name_or_path"] = base_model_name_or_path  # the Hub id PEFT loads the base from
+    if check == "vllm":
+        check_vllm(config, ranks)
     bad = sorted(k for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)))
     if bad:
         raise NonFiniteError(
@@ -159,6 +183,58 @@ def save_peft(
         )
     _write(directory, config, tensors)
     return config
+
+
+CHECKS = (None, "vllm")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""vLLM's ``max_lora_rank`` choices (``--max-lora-rank``); ``check="vllm"`` keeps every rank to one of them."""
+_VLLM_NOT_LORA = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|wte|wpe|word_embeddings|embeddings|lm_head|"
+                            r"score|classifier|output)$")
+"""PyTorch module names vLLM has no LoRA layer for (embeddings, the head, classification heads)."""
+
+
+def check_vllm(config: dict, ranks: dict[str, int]) -> None:
+    """Refuse a PEFT LoRA adapter vLLM does not serve, saying what to change (one ValueError).
+
+    ``config`` is the ``adapter_config.json`` dict :func:`save_peft` would write, ``ranks`` each
+    adapted PyTorch module's rank. vLLM's rules: every rank one of :data:`VLLM_RANKS` (its
+    ``max_lora_rank`` choices), LoRA only on linear layers of the decoder (not embeddings nor
+    ``lm_head``), no ``modules_to_save``, no DoRA (``use_dora``), bias ``"none"``.
+    """
+    problems = []
+    choices = "{" + ", ".join(map(str, VLLM_RANKS)) + "}"
+    for rank in sorted(set(ranks.values())):
+        if rank not in VLLM_RANKS:
+            up = [r for r in VLLM_RANKS if r >= rank]
+            fix = f"use rank={up[0]}" if up else f"use rank={VLLM_RANKS[-1]} or less"
+            where = sorted(m for m, r in ranks.items() if r == rank)
+            shown = "" if len(set(ranks.values())) == 1 else f" (at {where[:2]}{', ...' if len(where) > 2 else ''})"
+            problems.append(f"rank {rank}{shown} is not one vLLM serves: {fix} (max_lora_rank ∈ {choices})")
+    bad = sorted(m for m in ranks if _VLLM_NOT_LORA.search(m))
+    if bad:
+        problems.append(f"vLLM serves LoRA on linear layers of the decoder only, not on {bad[:3]}: drop them from "
+                        "`targets` (e.g. targets='all-linear' or 'attention')")
+    if config.get("modules_to_save"):
+        problems.append(f"vLLM does not serve modules_to_save {config['modules_to_save'][:3]}: train without "
+                        "`trainable`, or export the merged model")
+    if config.get("use_dora"):
+        problems.append("vLLM does not serve DoRA (use_dora=True): train plain LoRA")
+    if config.get("bias", "none") != "none":
+        problems.append(f"vLLM serves bias='none' only, got {config['bias']!r}")
+    if problems:
+        raise ValueError("not written: " + "; ".join(problems) + ".")
+
+
+def _stacked_family(family: str | None):
+    """The :class:`lrtt._families.Family` of stacked-layer params with per-layer PyTorch modules, or None."""
+    if family is None:
+        return None
+    found = _families.by_name(family)
+    if found.name == "lrtt_models_gpt2":
+        raise ValueError(
+            "PEFT files of lrtt.models' GPT-2 are not supported: lrtt holds q, k and v apart, PEFT's GPT-2 "
+            "adapts the fused c_attn. Export the merged model with lrtt.models.save instead.")
+    return found if found.peft_modules else None
 
 
 def _savable_entries(method: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -395,9 +471,14 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
         without ``base_model.model.``; ``target_modules`` matching no module of the params;
         missing or extra tensors; shape mismatches.
     """
-    config = _read_config(directory)
     leaves = dict(named_leaves(params))
     family = names.resolve_family(list(leaves), family)
+    stacked = _stacked_family(family)
+    if stacked is not None:
+        from lrtt.io import _peft_stacked
+
+        return _peft_stacked.load(directory, params, stacked)
+    config = _read_config(directory)
     file = os.path.join(directory, ADAPTER_WEIGHTS)
     lora, full = _split_tensors(_read_tensors(directory), file)
     flax_modules = names.modules(leaves)
