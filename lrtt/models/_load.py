@@ -46,7 +46,9 @@ def _load_quantized(shapes, by_path, num_layers, read, tensor, dtype, quantize) 
     o = {**_QUANTIZE_DEFAULTS, **quantize}
     plan = _quant._plan(shapes, o["targets"], o["qtype"], o["block_size"], o["layouts"], o["scale_dtype"], o["packed"])
     values = {}
-    for leaf_path, like in _paths(shapes):
+    leaves = _paths(shapes)  # the leaves kept in float (embedding, head: the largest tensors) first, while
+    leaves = [x for x in leaves if x[0] not in plan] + [x for x in leaves if x[0] in plan]  # little else is held
+    for leaf_path, like in leaves:
         rule = by_path[leaf_path]
         if leaf_path in plan and rule.stacked:
             quantize_layer = jax.jit(plan[leaf_path])  # compiled once per kernel shape
@@ -65,7 +67,7 @@ def _load_quantized(shapes, by_path, num_layers, read, tensor, dtype, quantize) 
             values[leaf_path] = jax.tree.unflatten(treedef, buffers)
             del buffers
             continue
-        value = read(leaf_path)
+        value = np.ascontiguousarray(read(leaf_path))  # a transposed view made contiguous here, not by jax
         if tuple(value.shape) != tuple(like.shape):
             raise ValueError(f"{leaf_path!r} was read with shape {tuple(value.shape)}, but config.json makes it "
                              f"{tuple(like.shape)}: the checkpoint does not belong to this config.")

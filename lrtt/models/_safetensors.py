@@ -11,6 +11,7 @@ several (``model-00001-of-00003.safetensors``, ...).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pathlib
 import re
@@ -29,6 +30,7 @@ _DTYPES = {
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_COPY_CHUNK = 64 << 20
 
 
 class SafetensorsFile:
@@ -72,11 +74,15 @@ class SafetensorsFile:
             raise ValueError(f"{os.fspath(self.path)!r}: tensor {name!r} does not fit the file (truncated?).")
         if count == 0:
             return np.zeros(info["shape"], dtype)
-        mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=self._start + begin, shape=(count,))
-        try:
-            return np.array(mapped).reshape(info["shape"])
-        finally:
-            del mapped
+        out = np.empty(count, dtype)
+        flat, first = out.view(np.uint8), self._start + begin
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            for lo in range(0, end - begin, _COPY_CHUNK):  # each copied piece's pages dropped from the map:
+                hi = min(lo + _COPY_CHUNK, end - begin)    # the file's pages never add to RSS
+                flat[lo:hi] = np.frombuffer(mapped[first + lo:first + hi], np.uint8)
+                page = (first + lo) // mmap.PAGESIZE * mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, page, first + hi - page)
+        return out.reshape(info["shape"])
 
 
 def tensor_index(directory: str | os.PathLike) -> dict[str, tuple[SafetensorsFile, str]]:
