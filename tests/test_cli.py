@@ -41,7 +41,10 @@ def test_train_logs_decreasing_loss_and_resumes(run_dir, capsys):
     assert (run_dir / "curves.png").stat().st_size > 1000
 
 
-def test_eval_and_export_agree(run_dir, capsys):
+def test_eval_and_export_agree(run_dir, tmp_path, capsys):
+    """`lrtt eval` equals the run's summary; `lrtt export --format flax` (the transformers Flax
+    directory) computes the factored logits; train's `<run>/merged` is the default `--format hf`
+    (PyTorch names and layouts, read back in tests/test_models_hf.py with transformers 5)."""
     from transformers import FlaxBertForSequenceClassification
 
     args = ["configs/minilm_bbc_loretta_rep.yaml", *SMALL, "--set", f"output.dir={run_dir}"]
@@ -49,7 +52,11 @@ def test_eval_and_export_agree(run_dir, capsys):
     metrics = json.loads(capsys.readouterr().out)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert metrics["accuracy"] == pytest.approx(summary["test"]["accuracy"])
-    merged = FlaxBertForSequenceClassification.from_pretrained(run_dir / "merged")
+    assert (run_dir / "merged" / "model.safetensors").is_file()
+    config_json = json.loads((run_dir / "merged" / "config.json").read_text())
+    assert config_json["architectures"] == ["BertForSequenceClassification"] and config_json["dtype"] == "float32"
+    assert cli.main(["export", *args, "--format", "flax", "--out", str(tmp_path / "flax")]) == 0
+    merged = FlaxBertForSequenceClassification.from_pretrained(tmp_path / "flax")
     from lrtt.cli import _config, _job, _tasks
 
     config = _config.load("configs/minilm_bbc_loretta_rep.yaml", [*SMALL[1::2], f"output.dir={run_dir}"])
@@ -62,6 +69,12 @@ def test_eval_and_export_agree(run_dir, capsys):
     adapter = _job._restore_adapter(config, method, task)
     factored = lrtt.factored(task.apply)(lrtt.wrap(method, task.params, adapter), batch, None)
     np.testing.assert_allclose(exported, factored, rtol=1e-4, atol=1e-5)
+    from lrtt.models._safetensors import tensor_index
+
+    hf = {name: f[key] for name, (f, key) in tensor_index(run_dir / "merged").items()}
+    flax_query = merged.params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    np.testing.assert_array_equal(hf["bert.encoder.layer.0.attention.self.query.weight"], np.asarray(flax_query).T)
+    np.testing.assert_array_equal(hf["classifier.weight"], np.asarray(merged.params["classifier"]["kernel"]).T)
 
 
 def test_cli_errors_are_reported_not_raised(capsys):
@@ -111,10 +124,11 @@ def test_train_over_an_nf4_base_and_export_a_float_model(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["quantize"] == {"qtype": "nf4", "block_size": 64}
     assert 0.0 <= summary["test"]["accuracy"] <= 1.0
-    from transformers import FlaxBertForSequenceClassification
+    from lrtt.models._safetensors import tensor_index
 
-    merged = FlaxBertForSequenceClassification.from_pretrained(tmp_path / "merged")
-    kernel = merged.params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    files = tensor_index(tmp_path / "merged")  # the default --format hf
+    file, key = files["bert.encoder.layer.0.attention.self.query.weight"]
+    kernel = file[key]
     assert kernel.dtype == np.float32 and len(np.unique(np.asarray(kernel))) > 16  # float: dequantized + ΔW
     assert cli.main(["train", *args[:-2], "--set", "quantize.qtype=fp3", "--no-progress"]) == 2
     assert "`quantize.qtype` must be one of" in capsys.readouterr().err

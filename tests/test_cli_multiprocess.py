@@ -50,11 +50,10 @@ def _records(out: Path) -> list[dict]:
 
 
 def _merged(out: Path) -> dict[str, np.ndarray]:
-    from flax.serialization import msgpack_restore
-    from flax.traverse_util import flatten_dict
+    """The merged export's tensors (``--format hf``, the default: PyTorch names and layouts)."""
+    from lrtt.models._safetensors import tensor_index
 
-    tree = msgpack_restore((out / "merged" / "flax_model.msgpack").read_bytes())
-    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
+    return {name: f[key] for name, (f, key) in tensor_index(out / "merged").items()}
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
@@ -93,8 +92,9 @@ def test_process_0_alone_writes_the_outputs_once(job):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4", "6"]
     assert [p.name for p in (out / "discarded").glob("*/*")] == ["6"]  # the first job's step 6, moved once
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lock", "checkpoints", "config.json", "curves.png", "discarded", "merged", "metrics.jsonl", "summary.json"]
-    assert sorted(p.name for p in (out / "merged").iterdir()) == ["config.json", "flax_model.msgpack"]
+        ".lock", "checkpoints", "config.json", "curves.png", "discarded", "lrtt-run.json", "merged", "metrics.jsonl",
+        "summary.json"]
+    assert sorted(p.name for p in (out / "merged").iterdir()) == ["config.json", "lrtt-export.json", "model.safetensors"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     # the first job: child i is process i; the second: the flags win over the variables
     for primary, other in ((first[0], first[1]), (second[1], second[0])):
@@ -122,7 +122,7 @@ def test_the_job_trains_as_one_process_does_and_resumes_across_it(job, single):
     assert all(np.array_equal(merged[k], first_merged[k]) for k in merged)  # the resume is exact
     summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, single))
     assert summary["test"]["loss"] == pytest.approx(ref_summary["test"]["loss"], abs=LOSS_ATOL)
-    moved = np.abs(ref_merged["bert/encoder/layer/0/attention/self/query/kernel"] - _base_query_kernel())
+    moved = np.abs(ref_merged["bert.encoder.layer.0.attention.self.query.weight"] - _base_query_kernel().T)
     assert moved.max() > 100 * WEIGHT_ATOL  # training moved the kernels far more than the tolerance
 
 

@@ -245,3 +245,62 @@ def test_cli_export_loads_in_transformers_and_peft(tmp_path):
     assert _relative(_torch_logits(merged.eval()), expected) <= 1e-4
     served = PeftModel.from_pretrained(_hf_model("llama"), tmp_path / "peft").eval()
     assert _relative(_torch_logits(served), expected) <= 1e-4
+
+
+MINILM_RUN = """
+import json, sys
+import numpy as np
+import lrtt
+from lrtt.cli import _config, _job, _tasks
+from lrtt.cli import _main as cli
+
+out, sets = sys.argv[1], sys.argv[2:]
+assert cli.main(["train", "configs/minilm_bbc_lora.yaml", "--no-progress",
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+config = _config.load("configs/minilm_bbc_lora.yaml", sets)
+task = _tasks.build_task(config)
+method = _job.build_method(config)
+adapter = _job._restore_adapter(config, method, task)
+batch = {k: np.asarray(v[:4]) for k, v in task.splits["test"].items()}
+merged = lrtt.merge(method, task.params, adapter)
+np.save(f"{out}/input_ids.npy", batch["input_ids"])
+np.save(f"{out}/attention_mask.npy", batch["attention_mask"])
+np.save(f"{out}/merged_logits.npy", np.asarray(task.apply(merged, batch, None)))
+np.save(f"{out}/base_logits.npy", np.asarray(task.apply(task.params, batch, None)))
+"""
+
+
+def test_cli_merged_export_of_minilm_loads_in_transformers_5(tmp_path):
+    """The bundled MiniLM (a transformers 4 Flax BERT classifier, trained by `lrtt train` in the
+    main .venv): `<run>/merged` (the default --format hf) loads in transformers 5's
+    AutoModelForSequenceClassification with no missing or unexpected key and the merged Flax
+    model's logits, classifier head included."""
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    python = root / ".venv" / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"needs the main .venv ({python} is missing: its transformers 4 Flax classes run `lrtt train` "
+                    "on MiniLM); create it first (CI does, before the .venv-hf5 leg)")
+    run = tmp_path / "run"
+    sets = ["data.max_len=32", "data.train_limit=16", "data.eval_limit=16", "train.batch_size=8", "train.lr=2e-2",
+            "train.warmup=0", "train.steps=2", "train.eval_every=2", "output.save_every=2",
+            "train.eval_batch_size=16", f"output.dir={run}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    done = subprocess.run([str(python), "-c", MINILM_RUN, str(tmp_path), *sets], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    config = json.loads((run / "merged" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and len(config["id2label"]) == 5
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(run / "merged",
+                                                                                  output_loading_info=True)
+    assert type(model).__name__ == "BertForSequenceClassification" and not _loading_problems(info), info
+    ids, mask = (torch.tensor(np.load(tmp_path / f"{k}.npy"), dtype=torch.long) for k in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids, attention_mask=mask).logits.float().numpy()
+    expected, base = np.load(tmp_path / "merged_logits.npy"), np.load(tmp_path / "base_logits.npy")
+    assert _relative(base, expected) > 1e-3  # training changed the logits (the LoRA and the trainable head)
+    assert _relative(logits, expected) <= 1e-4, _relative(logits, expected)

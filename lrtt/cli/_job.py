@@ -517,17 +517,15 @@ EXPORT_FORMATS = ("hf", "peft", "flax")
 
 
 def default_format(config: RunConfig) -> str:
-    """``hf`` for a checkpoint-directory model (``model: {path: DIR}``), ``flax`` for a bundled one."""
-    return "hf" if config.checkpoint is not None else "flax"
+    """``hf`` for every model: the PyTorch-format checkpoint transformers 5 loads (a bundled
+    model's transformers Flax directory is ``--format flax``)."""
+    return "hf"
 
 
 def _check_format(config: RunConfig, method: Any, fmt: str, serve_for: str | None) -> None:
     """Refuse, before the model loads, a format the run's model or method cannot be exported in."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}.")
-    if fmt == "hf" and config.checkpoint is None:
-        raise ConfigError(f"--format hf writes a PyTorch-format checkpoint of a `model: {{path: DIR}}` run; the bundled "
-                          f"model {config.model!r} exports as --format flax (its transformers Flax directory) or peft.")
     if fmt == "flax" and config.checkpoint is not None:
         raise ConfigError("--format flax writes a transformers Flax directory of a bundled model; a checkpoint "
                           "directory model exports as --format hf (what AutoModelForCausalLM loads) or peft.")
@@ -553,8 +551,10 @@ def write_export(config: RunConfig, method: Any, task: Task, adapter: Any, path:
     must be an lrtt export of ``source``; ``overwrite``: of another source too):
 
     * ``flax``: the merged params by the bundled model's ``save_pretrained`` (:func:`lrtt.export_merged`);
-    * ``hf``: the merged params by :func:`lrtt.models.save` (PyTorch-format safetensors, the
-      checkpoint's config.json and tokenizer files), for ``AutoModelForCausalLM.from_pretrained``;
+    * ``hf`` (the default): the merged params as PyTorch-format safetensors, for transformers 5's
+      ``AutoModelFor*.from_pretrained``: a checkpoint-directory model's by :func:`lrtt.models.save`
+      (its config.json and tokenizer files), a bundled (transformers Flax) model's by
+      :func:`lrtt.models.save_flax_model` (``BertForSequenceClassification``, ``LlamaForCausalLM``);
     * ``peft``: the adapter by :func:`lrtt.save_peft` (``serve_for="vllm"``: ``check="vllm"``).
     """
     if fmt == "flax":
@@ -562,10 +562,14 @@ def write_export(config: RunConfig, method: Any, task: Task, adapter: Any, path:
     elif fmt == "hf":
         import lrtt.models as lrtt_models  # binds lrtt_models only (a bare `import lrtt.models` would make lrtt local)
 
-        dtype = config.model["dtype"] if isinstance(config.model, dict) else None
-        merged = lrtt.merge(method, task.params, adapter, dtype=dtype)
-        lrtt.io.export_directory(path, lambda staging: lrtt_models.save(staging, task.model, merged),
-                                 source=source, overwrite=overwrite)
+        if config.checkpoint is not None:
+            merged = lrtt.merge(method, task.params, adapter, dtype=config.model["dtype"])
+            lrtt.io.export_directory(path, lambda staging: lrtt_models.save(staging, task.model, merged),
+                                     source=source, overwrite=overwrite)
+        else:  # a bundled transformers Flax model, in its base's dtype (what export_merged writes)
+            merged = lrtt.merge(method, task.params, adapter)
+            lrtt.io.export_directory(path, lambda staging: lrtt_models.save_flax_model(staging, task.model, merged),
+                                     source=source, overwrite=overwrite)
     else:
         task_type = "CAUSAL_LM" if task.name == "lm" else "SEQ_CLS"
         base = config.checkpoint and str(Path(config.checkpoint).expanduser().resolve())
@@ -579,8 +583,8 @@ def write_export(config: RunConfig, method: Any, task: Task, adapter: Any, path:
 def export(config: RunConfig, *, out: str | None = None, restore: RestoreFrom = RestoreFrom(),
            overwrite: bool = False, format: str | None = None, serve_for: str | None = None) -> Path:
     """Write the run's checkpoint as ``format`` (:func:`write_export`): ``<output.dir>/merged`` by
-    default, or ``out``. ``format`` defaults to ``hf`` for a checkpoint-directory model, ``flax``
-    for a bundled one; ``serve_for="vllm"`` (with ``peft``) refuses an adapter vLLM does not serve.
+    default, or ``out``. ``format`` defaults to ``hf`` (``flax``: a bundled model's transformers
+    Flax directory); ``serve_for="vllm"`` (with ``peft``) refuses an adapter vLLM does not serve.
 
     ``out`` must be outside the run directory (``<output.dir>/merged`` aside) and, if it exists,
     an empty directory or an lrtt export of this run (``overwrite``: of another run too); it is

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -71,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace an lrtt export of another run at --out (never anything else)")
     export.add_argument("--format", default=None, choices=("hf", "peft", "flax"),
-                        help="hf: the merged model as a PyTorch-format transformers checkpoint (default for "
-                             "model: {path: DIR}); peft: the adapter as a PEFT LoRA directory; flax: the merged "
-                             "transformers Flax directory (default for the bundled models)")
+                        help="hf (default): the merged model as a PyTorch-format transformers checkpoint "
+                             "(what transformers 5 loads); peft: the adapter as a PEFT LoRA directory; flax: the "
+                             "merged transformers Flax directory (bundled models only)")
     export.add_argument("--for", dest="serve_for", default=None, choices=("vllm",),
                         help="with --format peft: refuse an adapter vLLM does not serve (rank, modules, "
                              "modules_to_save), before anything is written")
@@ -165,6 +166,9 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
     _quiet()
     if not os.environ.get("LRTT_DEBUG"):
         _quiet_orbax_leftovers()
+        # Orbax logs a failed or interrupted background save through absl with a traceback; the
+        # command reports every failure itself, as one line (LRTT_DEBUG=1 shows the logs too).
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     args = _parser().parse_args(argv)
     invocation.command = args.command
     with needs_extra():
