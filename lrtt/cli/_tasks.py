@@ -35,6 +35,21 @@ def _cross_entropy(logits, labels):
     return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
+def _token_losses(logits, batch):
+    """Next-token cross-entropy of every position but the last: ``(batch, len - 1)``."""
+    ids = batch["input_ids"]
+    return _cross_entropy(logits[:, :-1], ids[:, 1:])
+
+
+def _lm_loss(logits, batch):
+    return _token_losses(logits, batch).mean()
+
+
+def _lm_metrics(logits, batch):
+    losses = _token_losses(logits, batch)
+    return {"loss": (losses.sum(), losses.size)}
+
+
 def check_positions(config: RunConfig, positions: int, name: str) -> None:
     """Refuse ``data.max_len`` past the model's position embeddings (it would index past them)."""
     if config.data.max_len > positions:
@@ -90,18 +105,7 @@ def lm_task(config: RunConfig) -> Task:
         del rng
         return model(batch["input_ids"], params=params, train=False).logits
 
-    def token_losses(logits, batch):
-        ids = batch["input_ids"]
-        return _cross_entropy(logits[:, :-1], ids[:, 1:])
-
-    def loss(logits, batch):
-        return token_losses(logits, batch).mean()
-
-    def metrics(logits, batch):
-        losses = token_losses(logits, batch)
-        return {"loss": (losses.sum(), losses.size)}
-
-    return Task("lm", model, model.params, splits, apply, loss, metrics, "perplexity")
+    return Task("lm", model, model.params, splits, apply, _lm_loss, _lm_metrics, "perplexity")
 
 
 def checkpoint_tokenizer(directory: str):
@@ -159,18 +163,7 @@ def checkpoint_lm_task(config: RunConfig) -> Task:
         del rng
         return model(params, batch["input_ids"])
 
-    def token_losses(logits, batch):
-        ids = batch["input_ids"]
-        return _cross_entropy(logits[:, :-1], ids[:, 1:])
-
-    def loss(logits, batch):
-        return token_losses(logits, batch).mean()
-
-    def metrics(logits, batch):
-        losses = token_losses(logits, batch)
-        return {"loss": (losses.sum(), losses.size)}
-
-    return Task("lm", model, params, splits, apply, loss, metrics, "perplexity")
+    return Task("lm", model, params, splits, apply, _lm_loss, _lm_metrics, "perplexity")
 
 
 def build_task(config: RunConfig) -> Task:
