@@ -322,6 +322,16 @@ def _lrtt_command():
     return str(script)
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
 def _signal_run(run, signum, *, after_step: int | None, delay: float = 0.0):
     """Start ``lrtt train`` (many fast steps, a checkpoint every step), send ``signum`` once
     checkpoint ``after_step`` is committed (or ``delay`` seconds after the start), return
@@ -333,6 +343,10 @@ def _signal_run(run, signum, *, after_step: int | None, delay: float = 0.0):
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         started = time.perf_counter()
+        # the launcher's handlers are in (SIGTERM, which Python itself never catches, is installed last)
+        while not _catches(child.pid, signal.SIGTERM):
+            assert child.poll() is None and time.perf_counter() - started < 60, child.stderr.read()
+            time.sleep(0.01)
         while after_step is not None and (not _steps(run) or _steps(run)[-1] < after_step):
             assert child.poll() is None and time.perf_counter() - started < 180, child.stderr.read()
             time.sleep(0.05)
@@ -347,7 +361,7 @@ def _signal_run(run, signum, *, after_step: int | None, delay: float = 0.0):
 
 
 @pytest.mark.parametrize("signum, after_step, delay", [
-    (signal.SIGINT, None, 0.3),    # while Python imports JAX
+    (signal.SIGINT, None, 0.0),    # while Python imports JAX (as soon as the launcher's handler is in)
     (signal.SIGINT, None, 4.0),    # while the model loads or the step compiles
     (signal.SIGINT, 6, 0.0),       # while training, saving every step
     (signal.SIGTERM, 6, 0.0),

@@ -211,15 +211,18 @@ def train(config: RunConfig, *, progress: bool = True, restore: RestoreFrom = Re
                 manager = lrtt.CheckpointManager(out / "checkpoints", method, max_to_keep=config.output.keep)
             _cluster.on_primary(cluster, lambda: _record_config(out, identity, history, config, int(state.step)))
             started = time.perf_counter()
-            with _signals.saving(manager):
+            with _signals.saving(manager), _signals.deferred():  # a signal stops the loop at its next step
                 state, skipped = _loop(config, method, task, state, step, params, manager, position, cluster,
                                        progress=progress)
         except KeyboardInterrupt:  # a signal: the save in flight committed, one interrupted as it began removed
-            manager.discard_uncommitted()
+            with _signals.deferred():
+                manager.discard_uncommitted()
             raise
         finally:
-            manager.wait()
-            manager.close()
+            with _signals.deferred():  # Orbax's wait is not cut half-way; a signal is raised just below
+                manager.wait()
+                manager.close()
+        _signals.check()
         elapsed = time.perf_counter() - started
         adapter = _cluster.local_copy(state.adapter)
         summary = _finish(config, method, task, adapter, int(state.step), elapsed)

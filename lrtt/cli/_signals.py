@@ -30,6 +30,7 @@ NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 _received: list[int] = []
 _finished = threading.Event()  # the command reported its stop itself: the watchdog stands down
+_deferring: list[bool] = []  # inside `deferred()`: a signal is recorded, raised at the next check()
 _manager: list[Any] = []  # the CheckpointManager whose save may be in flight
 _last_words: list[Callable[[int], str]] = []  # builds the one line printed on a forced exit
 _cleanups: list[Callable[[], None]] = []  # run on a forced exit (e.g. remove a run directory never used)
@@ -60,7 +61,8 @@ def installed(last_words: Callable[[int], str]) -> Iterator[None]:
         yield
     finally:
         _finished.set()
-        sys.unraisablehook = default_hook
+        if getattr(sys.unraisablehook, "lrtt_signals", False):  # not wrapped since (the CLI's quiet hook is kept)
+            sys.unraisablehook = default_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -73,17 +75,32 @@ def _unraisable(default: Callable) -> Callable:
         if not isinstance(unraisable.exc_value, Interrupted):
             default(unraisable)
 
+    hook.lrtt_signals = True
     return hook
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """While inside, a signal is recorded but not raised where it lands (inside Orbax's save or
+    its wait, which must not be cut half-way): :func:`check` raises it at the caller's next safe
+    point, e.g. the top of each training step. The watchdog still ends a process that does not
+    reach one within ``GRACE_SECONDS``."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
 
 
 def _handler(signum: int, frame: Any) -> None:
     with _lock:
         first = not _received
         _received.append(signum)
-    if first:
-        threading.Thread(target=_watchdog, args=(signum, GRACE_SECONDS), daemon=True).start()
+    if not first:
+        _force_exit(signum)  # a second signal: stop now
+    threading.Thread(target=_watchdog, args=(signum, GRACE_SECONDS), daemon=True).start()
+    if not _deferring:
         raise Interrupted(signum)
-    _force_exit(signum)  # a second signal: stop now
 
 
 def _watchdog(signum: int, grace: float) -> None:
