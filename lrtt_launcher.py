@@ -11,13 +11,14 @@ from __future__ import annotations
 import signal
 import sys
 
-_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
-_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+# The exit status and the name of each signal the command stops on (lrtt.cli._signals uses these too).
+STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 
 class _EarlyStop(KeyboardInterrupt):
     def __init__(self, signum: int):
-        super().__init__(_NAMES[signum])
+        super().__init__(NAMES[signum])
         self.signum = signum
 
 
@@ -41,7 +42,7 @@ def _unraisable(default):
 
 
 def main() -> int:
-    for signum in _STATUS:
+    for signum in STATUS:
         signal.signal(signum, _early)
     default_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable(default_hook)
@@ -62,8 +63,8 @@ def main() -> int:
 
 
 def _stopped(signum: int) -> int:
-    print(f"lrtt: stopped by {_NAMES[signum]} while starting; nothing was written", file=sys.stderr)
-    return _STATUS[signum]
+    print(f"lrtt: stopped by {NAMES[signum]} while starting; nothing was written", file=sys.stderr)
+    return STATUS[signum]
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from lrtt_launcher import NAMES, STATUS  # the entry point's own tables (it runs before lrtt is imported)
+
 GRACE_SECONDS = 5.0
-STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
-NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 _received: list[int] = []
 _finished = threading.Event()  # the command reported its stop itself: the watchdog stands down
