@@ -143,6 +143,10 @@ def _quiet_orbax_leftovers() -> None:
     sys.unraisablehook = hook
 
 
+def _not_never_retrieved(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
 class _Invocation:
     """What the stop message needs to know about the command line (filled in as it is read)."""
 
@@ -169,6 +173,9 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
         # Orbax logs a failed or interrupted background save through absl with a traceback; the
         # command reports every failure itself, as one line (LRTT_DEBUG=1 shows the logs too).
         logging.getLogger("absl").setLevel(logging.CRITICAL)
+        # A failed restore leaves orbax's other read tasks failed and unawaited; when they are
+        # collected, asyncio logs "Task exception was never retrieved" with each traceback.
+        logging.getLogger("asyncio").addFilter(_not_never_retrieved)
     args = _parser().parse_args(argv)
     invocation.command = args.command
     with needs_extra():
