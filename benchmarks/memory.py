@@ -174,22 +174,17 @@ def _llama_model(scanned: bool):
 
 
 def _smollm2(base: str, scanned: bool, packed: bool):
-    """SmolLM2-135M from its GGUF; a quantized base is quantized as it is read (``load_llama``)."""
-    import jax
-    import jax.numpy as jnp
-
+    """SmolLM2-135M from its GGUF through ``lrtt.models.load`` (layers always scanned, each
+    rematerialized); a quantized base is quantized as it is read."""
+    import lrtt.models
     from lrtt.cli import zoo
-    from scan_llama import ScannedLlamaForCausalLM, stack_layers
 
+    if not scanned:
+        raise SystemExit("smollm2 runs through lrtt.models, whose layers are always scanned: use --forward scanned "
+                         "or scanned-unpacked (unrolled is the llama2-7b model's transformers Flax Llama).")
     quantize = dict(qtype=base, block_size=64, packed=packed) if base in ("int8", "nf4") else None
-    hf_model, params = zoo.load_llama(zoo.smollm2_gguf_path(), quantize=quantize)
-    if base == "bfloat16":
-        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    if scanned:
-        params = stack_layers(params)  # quantized layers stack as they are: scales per layer
-        model = ScannedLlamaForCausalLM(hf_model.config)
-        return (lambda p, ids: model.apply({"params": p}, ids)), params
-    return (lambda p, ids: hf_model(ids, params=p).logits), params
+    dtype = "bfloat16" if base == "bfloat16" else "float32"
+    return lrtt.models.load(zoo.smollm2_gguf_path(), dtype=dtype, quantize=quantize)
 
 
 def _step(model_apply, params, scanned: bool):
@@ -201,7 +196,8 @@ def _step(model_apply, params, scanned: bool):
     import lrtt
     from scan_llama import LAYOUTS
 
-    method = lrtt.LoRA(rank=8, targets="qv", layouts=LAYOUTS if scanned else ())
+    models_tree = "layers" in params and "attn" in params["layers"]  # lrtt.models: its layout is known
+    method = lrtt.LoRA(rank=8, targets="qv", layouts=LAYOUTS if scanned and not models_tree else ())
     optimizer = optax.adamw(1e-4)
 
     def loss_fn(logits, batch):
@@ -209,9 +205,9 @@ def _step(model_apply, params, scanned: bool):
         return -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1).mean()
 
     loss = lrtt.train.make_loss(method, lambda p, batch, rng: model_apply(p, batch), loss_fn, forward="factored")
-    vocab = params["lm_head"]["kernel"].shape[-1]
+    vocab = params["lm_head"]["kernel"].shape[-1] if "lm_head" in params else params["embed"]["embedding"].shape[0]
     batch = jax.random.randint(jax.random.key(1), (1, 128), 3, vocab)
-    if isinstance(params["lm_head"]["kernel"], jax.ShapeDtypeStruct):  # shapes only
+    if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):  # shapes only
         state = jax.eval_shape(lambda a: lrtt.train.init_state(a, optimizer), lrtt.adapter_shapes(method, params))
     else:
         state = lrtt.train.init_state(method.init(jax.random.key(0), params), optimizer)

@@ -56,8 +56,8 @@ def test_missing_model_wheel_names_the_wheel_and_no_deps(monkeypatch):
 
 
 def test_read_gguf_without_gguf_says_which_extra(monkeypatch, tmp_path):
-    from lrtt.cli._gguf import read_gguf_llama
+    from lrtt.models._gguf import GGUFFile
 
     _hide(monkeypatch, "gguf")
     with pytest.raises(ModuleNotFoundError, match=r"`gguf` is not installed.*pip install 'lrtt\[models\]'"):
-        read_gguf_llama(tmp_path / "model.gguf")
+        GGUFFile(tmp_path / "model.gguf")

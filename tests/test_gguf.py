@@ -11,12 +11,16 @@ import numpy as np
 import gguf  # lrtt[models]: CI installs it, so a missing reader fails rather than skips
 import pytest
 
-from lrtt.cli._gguf import permute_rotary, read_gguf_llama, unpermute_rotary
-from lrtt.cli.zoo import build_llama, convert_gguf_cached, load_llama_gguf
+import lrtt
+import lrtt.models
+from lrtt.cli.zoo import convert_gguf_cached
+from lrtt.models._gguf import GGUFFile, permute_rotary, tokenizer_from_gguf, unpermute_rotary
 
 N_LAYERS, HIDDEN, N_HEADS, N_KV, FFN = 2, 16, 4, 2, 32
 HEAD_DIM = HIDDEN // N_HEADS
-ROPE_THETA = 1e5  # not FlaxLlama's hard-coded 1e4: exercises the rope_theta fix
+ROPE_THETA = 1e5  # not Llama's default 1e4
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
 
@@ -75,6 +79,7 @@ def write_tiny_gguf(path, weights, *, rope_theta=ROPE_THETA) -> None:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
     writer.add_tensor("token_embd.weight", weights["embed"])
     for i in range(N_LAYERS):
         blk = f"blk.{i}."
@@ -104,7 +109,7 @@ def gguf_path(tmp_path_factory, weights):
 
 @pytest.fixture(scope="module")
 def converted(gguf_path):
-    return read_gguf_llama(gguf_path)
+    return GGUFFile(gguf_path)
 
 
 # --- the rotary permutation ------------------------------------------------------------------
@@ -137,58 +142,47 @@ def test_permute_rejects_indivisible_rows():
 
 
 def _expected_shapes():
-    shapes = {
-        "model/embed_tokens/embedding": (VOCAB, HIDDEN), "model/norm/weight": (HIDDEN,),
-        "lm_head/kernel": (HIDDEN, VOCAB),
-    }
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}  # tied: no lm_head
     for i in range(N_LAYERS):
-        layer = f"model/layers/{i}/"
+        layer = f"model.layers.{i}."
         shapes.update({
-            layer + "self_attn/q_proj/kernel": (HIDDEN, N_HEADS * HEAD_DIM),
-            layer + "self_attn/k_proj/kernel": (HIDDEN, N_KV * HEAD_DIM),
-            layer + "self_attn/v_proj/kernel": (HIDDEN, N_KV * HEAD_DIM),
-            layer + "self_attn/o_proj/kernel": (HIDDEN, HIDDEN),
-            layer + "mlp/gate_proj/kernel": (HIDDEN, FFN), layer + "mlp/up_proj/kernel": (HIDDEN, FFN),
-            layer + "mlp/down_proj/kernel": (FFN, HIDDEN),
-            layer + "input_layernorm/weight": (HIDDEN,), layer + "post_attention_layernorm/weight": (HIDDEN,),
+            layer + "self_attn.q_proj.weight": (N_HEADS * HEAD_DIM, HIDDEN),
+            layer + "self_attn.k_proj.weight": (N_KV * HEAD_DIM, HIDDEN),
+            layer + "self_attn.v_proj.weight": (N_KV * HEAD_DIM, HIDDEN),
+            layer + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            layer + "mlp.gate_proj.weight": (FFN, HIDDEN), layer + "mlp.up_proj.weight": (FFN, HIDDEN),
+            layer + "mlp.down_proj.weight": (HIDDEN, FFN),
+            layer + "input_layernorm.weight": (HIDDEN,), layer + "post_attention_layernorm.weight": (HIDDEN,),
         })
     return shapes
 
 
 def test_names_shapes_dtypes(converted):
-    _, params, _ = converted
-    assert {k: v.shape for k, v in params.items()} == _expected_shapes()
-    assert all(v.dtype == np.float32 for v in params.values())
+    assert {k: converted.shape(k) for k in converted.keys()} == _expected_shapes()
+    assert {k: converted[k].shape for k in converted.keys()} == _expected_shapes()
+    assert all(converted[k].dtype == np.float32 for k in converted.keys())
 
 
-def test_kernels_are_in_out_and_qk_unpermuted(converted, weights):
-    _, params, _ = converted
+def test_weights_are_pytorch_out_in_and_qk_unpermuted(converted, weights):
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     for i in range(N_LAYERS):
-        attn, mlp = f"model/layers/{i}/self_attn/", f"model/layers/{i}/mlp/"
-        np.testing.assert_array_equal(params[attn + "q_proj/kernel"], weights[f"{i}.q"].T)
-        np.testing.assert_array_equal(params[attn + "k_proj/kernel"], weights[f"{i}.k"].T)
-        for name, key in [("v_proj", "v"), ("o_proj", "o")]:
-            np.testing.assert_array_equal(params[attn + name + "/kernel"], weights[f"{i}.{key}"].T)
-        for name in ("gate", "up", "down"):
-            np.testing.assert_array_equal(params[mlp + name + "_proj/kernel"], weights[f"{i}.{name}"].T)
-        np.testing.assert_array_equal(params[f"model/layers/{i}/input_layernorm/weight"], weights[f"{i}.attn_norm"])
+        for key, hf in names.items():
+            np.testing.assert_array_equal(converted[f"model.layers.{i}.{hf}.weight"], weights[f"{i}.{key}"])
+    np.testing.assert_array_equal(converted["model.embed_tokens.weight"], weights["embed"])
     # The test discriminates: un-permuting k with the query head count is wrong under GQA.
     wrong = unpermute_rotary(permute_rotary(weights["0.k"], N_KV), N_HEADS)
     assert not np.array_equal(wrong, weights["0.k"])
 
 
-def test_lm_head_is_tied_embedding(converted, weights):
-    _, params, _ = converted
-    np.testing.assert_array_equal(params["model/embed_tokens/embedding"], weights["embed"])
-    np.testing.assert_array_equal(params["lm_head/kernel"], params["model/embed_tokens/embedding"].T)
-
-
 def test_config(converted):
-    config, _, _ = converted
+    config = converted.config
     expected = {
-        "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": N_LAYERS,
-        "num_attention_heads": N_HEADS, "num_key_value_heads": N_KV, "head_dim": HEAD_DIM,
-        "rope_theta": ROPE_THETA, "max_position_embeddings": 64, "tie_word_embeddings": False,
+        "model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN,
+        "num_hidden_layers": N_LAYERS, "num_attention_heads": N_HEADS, "num_key_value_heads": N_KV,
+        "head_dim": HEAD_DIM, "rope_theta": ROPE_THETA, "max_position_embeddings": 64,
+        "tie_word_embeddings": True,  # no output.weight in the file
         "bos_token_id": 1, "eos_token_id": 2,
     }
     assert {k: config[k] for k in expected} == expected
@@ -199,7 +193,7 @@ def test_config(converted):
 def test_tokenizer(converted):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(converted[2])
+    tok = Tokenizer.from_str(tokenizer_from_gguf(converted.reader))
     text = "<|im_start|>the cat in a hat, 2024 times!\n<|im_end|>"
     enc = tok.encode(text)
     assert tok.decode(enc.ids, skip_special_tokens=False) == text
@@ -228,69 +222,53 @@ def test_rejects_unknown_tensor(tmp_path, weights):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(ValueError, match="attn_q.bias"):
-        read_gguf_llama(path)
+        GGUFFile(path)
+    with pytest.raises(ValueError, match="attn_q.bias"):
+        lrtt.models.load(path)
 
 
-# --- the Flax model --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model(converted):
-    config, params, _ = converted
-    return build_llama(config, params)
-
-
-def _logits(model, ids, params=None):
-    params = model.params if params is None else params
-    return jax.jit(lambda p, x: model(x, params=p).logits)(params, jnp.asarray(ids, jnp.int32))
+# --- lrtt.models.load of a .gguf ---------------------------------------------------------------
 
 
 IDS = np.random.default_rng(1).integers(0, VOCAB, (2, 9))
 
 
-def test_flax_model_runs_under_jit(model):
-    logits = _logits(model, IDS)
-    assert logits.shape == (2, 9, VOCAB)
-    assert bool(jnp.isfinite(logits).all())
+@pytest.fixture(scope="module")
+def loaded(gguf_path):
+    return lrtt.models.load(gguf_path)
 
 
-def test_build_llama_checks_shapes(converted):
-    config, params, _ = converted
-    bad = dict(params, **{"model/norm/weight": np.ones(HIDDEN + 1, np.float32)})
-    with pytest.raises(ValueError, match="model/norm/weight"):
-        build_llama(config, bad)
+def test_load_reads_the_gguf_as_its_llama(loaded, weights):
+    model, params = loaded
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings and model.source is None
+    np.testing.assert_array_equal(params["layers"]["attn"]["k_proj"]["kernel"][1], weights["1.k"].T)
+    logits = model(params, IDS)
+    assert logits.shape == (2, 9, VOCAB) and bool(jnp.isfinite(logits).all())
 
 
-def test_rope_theta_is_honoured(converted, model):
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
-
-    config, _, _ = converted
-    upstream = FlaxLlamaForCausalLM(LlamaConfig(**config), _do_init=False)  # rotary base fixed at 1e4
-    expected_1e4 = _logits(upstream, IDS, model.params)
-    assert not np.allclose(_logits(model, IDS), expected_1e4, atol=1e-4)
-    # With theta = 1e4 the fix is the identity.
-    ours_1e4 = build_llama(dict(config, rope_theta=10000.0), converted[1])
-    np.testing.assert_allclose(_logits(ours_1e4, IDS), expected_1e4, rtol=1e-5, atol=1e-5)
+def test_quantized_load_equals_quantizing_the_float_load(gguf_path, loaded):
+    _, params = loaded
+    _, quantized = lrtt.models.load(gguf_path, quantize={"qtype": "nf4", "block_size": 8})
+    expected = lrtt.quantize(params, "all-linear", qtype="nf4", block_size=8)
+    assert jax.tree.structure(quantized) == jax.tree.structure(expected)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(quantized), jax.tree.leaves(expected)))
 
 
-def test_save_pretrained_export_reloads_with_rope_theta(converted, model, tmp_path):
-    """A merged SmolLM2-style export (rope theta 1e5) reloads with lrtt.cli.zoo.llama_class()."""
-    import lrtt
-
-    model.save_pretrained(tmp_path / "merged", params=model.params)
-    reloaded = lrtt.cli.zoo.llama_class().from_pretrained(tmp_path / "merged")
-    assert reloaded.config.rope_theta == ROPE_THETA
-    np.testing.assert_allclose(_logits(reloaded, IDS), _logits(model, IDS), rtol=1e-5, atol=1e-5)
+def test_merged_save_reloads_with_rope_theta(loaded, tmp_path):
+    model, params = loaded
+    lrtt.models.save(tmp_path / "merged", model, params)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["rope_theta"] == ROPE_THETA
+    model2, params2 = lrtt.models.load(tmp_path / "merged")
+    np.testing.assert_array_equal(model2(params2, IDS), model(params, IDS))
 
 
 @pytest.mark.torch
-def test_matches_pytorch_llama(converted, weights, model):
+def test_matches_pytorch_llama(converted, weights, loaded):
     # The reference: transformers' PyTorch Llama on the original (un-permuted, (out, in)) weights.
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config, _, _ = converted
-    ref = LlamaForCausalLM(LlamaConfig(**dict(config, tie_word_embeddings=True))).eval()
+    ref = LlamaForCausalLM(LlamaConfig(**converted.config)).eval()
     sd = {"model.embed_tokens.weight": weights["embed"], "model.norm.weight": weights["norm"]}
     names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
@@ -300,40 +278,48 @@ def test_matches_pytorch_llama(converted, weights, model):
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
     with torch.no_grad():
         expected = ref(torch.from_numpy(IDS)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(_logits(model, IDS)), expected, rtol=1e-4, atol=1e-4)
+    model, params = loaded
+    np.testing.assert_allclose(np.asarray(model(params, IDS)), expected, rtol=1e-4, atol=1e-4)
 
 
-# --- the conversion cache --------------------------------------------------------------------
+# --- the conversion cache (the CLI's SmolLM2) ------------------------------------------------
 
 
-def test_cache_roundtrip_and_rebuild(gguf_path, converted, tmp_path):
-    from tokenizers import Tokenizer
+_CACHE_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_cache_is_a_checkpoint_directory_and_is_rebuilt_when_wrong(gguf_path, loaded, tmp_path):
+    from transformers import AutoTokenizer
 
     cache = tmp_path / "cache"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a first conversion is silent
-        model, tok = load_llama_gguf(gguf_path, cache_dir=cache)
-    assert sorted(p.name for p in cache.iterdir()) == [
-        "checksums.json", "config.json", "params.safetensors", "tokenizer.json"]
+        convert_gguf_cached(gguf_path, cache)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["checksums.json", *_CACHE_FILES])
     sums = json.loads((cache / "checksums.json").read_text())
-    assert len(sums["source_sha256"]) == 64 and set(sums["files"]) == {"params.safetensors", "config.json", "tokenizer.json"}
-    flat = jax.tree_util.tree_leaves_with_path(model.params)
-    assert len(flat) == len(converted[1])
-    text = "<|im_start|>the cat in a hat<|im_end|>"
-    assert tok.encode(text).ids == Tokenizer.from_str(converted[2]).encode(text).ids
+    assert len(sums["source_sha256"]) == 64 and sorted(sums["files"]) == _CACHE_FILES
+    model, params = lrtt.models.load(cache)
+    np.testing.assert_array_equal(model(params, IDS), loaded[0](loaded[1], IDS))
+    tok = AutoTokenizer.from_pretrained(cache)
+    chat = tok.apply_chat_template([{"role": "user", "content": "the cat"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n"
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tok("<|im_start|>the cat").input_ids == tok.backend_tokenizer.encode("<|im_start|>the cat").ids
 
-    stamp = (cache / "params.safetensors").stat().st_mtime_ns
+    stamp = (cache / "model.safetensors").stat().st_mtime_ns
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a valid cache is reused as is
         convert_gguf_cached(gguf_path, cache)
-    assert (cache / "params.safetensors").stat().st_mtime_ns == stamp
+    assert (cache / "model.safetensors").stat().st_mtime_ns == stamp
 
-    data = bytearray((cache / "params.safetensors").read_bytes())
+    data = bytearray((cache / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (cache / "params.safetensors").write_bytes(bytes(data))
+    (cache / "model.safetensors").write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="does not match its checksum"):
-        model2, _ = load_llama_gguf(gguf_path, cache_dir=cache)
-    np.testing.assert_array_equal(model2.params["lm_head"]["kernel"], converted[1]["lm_head/kernel"])
+        convert_gguf_cached(gguf_path, cache)
+    model, params = lrtt.models.load(cache)
+    np.testing.assert_array_equal(model(params, IDS), loaded[0](loaded[1], IDS))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the staging directory is gone
 
     other = tmp_path / "other.gguf"
     write_tiny_gguf(other, _hf_weights(seed=1))

@@ -11,8 +11,6 @@ import importlib.util
 import math
 import pathlib
 
-from lrtt.cli.zoo import load_smollm2
-
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_perplexity.py"
 
 
@@ -25,9 +23,9 @@ def _benchmark():
 
 def test_smollm2_perplexity_on_english():
     bench = _benchmark()
-    model, tokenizer = load_smollm2()
-    assert model.config.num_hidden_layers == 30 and model.config.rope_theta == 1e5
+    model, params, tokenizer = bench.load()
+    assert model.config.num_layers == 30 and model.config.raw["rope_theta"] == 1e5 and model.config.tie_word_embeddings
     assert [tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
     assert tokenizer.decode(tokenizer.encode(bench.PARAGRAPH).ids) == bench.PARAGRAPH
-    ppl = bench.perplexity(model, tokenizer)
+    ppl = bench.perplexity(model, params, tokenizer)
     assert math.isfinite(ppl) and 1.0 < ppl < 30.0, ppl

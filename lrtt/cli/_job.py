@@ -520,8 +520,8 @@ EXPORT_FORMATS = ("hf", "peft", "flax")
 
 
 def default_format(config: RunConfig) -> str:
-    """``hf`` for every model: the PyTorch-format checkpoint transformers 5 loads (a bundled
-    model's transformers Flax directory is ``--format flax``)."""
+    """``hf`` for every model: the PyTorch-format checkpoint transformers 5 loads (MiniLM's
+    transformers Flax directory is ``--format flax``)."""
     return "hf"
 
 
@@ -529,9 +529,10 @@ def _check_format(config: RunConfig, method: Any, fmt: str, serve_for: str | Non
     """Refuse, before the model loads, a format the run's model or method cannot be exported in."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}.")
-    if fmt == "flax" and config.checkpoint is not None:
-        raise ConfigError("--format flax writes a transformers Flax directory of a bundled model; a checkpoint "
-                          "directory model exports as --format hf (what AutoModelForCausalLM loads) or peft.")
+    if fmt == "flax" and config.model != "minilm":
+        raise ConfigError("--format flax writes a transformers Flax directory, which only the MiniLM classifier "
+                          "has; a language model (smollm2, a checkpoint directory) exports as --format hf (what "
+                          "AutoModelForCausalLM loads) or peft.")
     if serve_for is not None and fmt != "peft":
         raise ConfigError(f"--for {serve_for} checks a PEFT adapter for serving: use it with --format peft (an hf "
                           "export is a whole model, which vLLM serves as it is).")
@@ -556,8 +557,8 @@ def write_export(config: RunConfig, method: Any, task: Task, adapter: Any, path:
     * ``flax``: the merged params by the bundled model's ``save_pretrained`` (:func:`lrtt.export_merged`);
     * ``hf`` (the default): the merged params as PyTorch-format safetensors, for transformers 5's
       ``AutoModelFor*.from_pretrained``: a checkpoint-directory model's by :func:`lrtt.models.save`
-      (its config.json and tokenizer files), a bundled (transformers Flax) model's by
-      :func:`lrtt.models.save_flax_model` (``BertForSequenceClassification``, ``LlamaForCausalLM``);
+      (its config.json and tokenizer files; SmolLM2's converted checkpoint too), the bundled
+      transformers Flax MiniLM's by :func:`lrtt.models.save_flax_model` (``BertForSequenceClassification``);
     * ``peft``: the adapter by :func:`lrtt.save_peft` (``serve_for="vllm"``: ``check="vllm"``).
     """
     if fmt == "flax":
@@ -565,11 +566,12 @@ def write_export(config: RunConfig, method: Any, task: Task, adapter: Any, path:
     elif fmt == "hf":
         import lrtt.models as lrtt_models  # binds lrtt_models only (a bare `import lrtt.models` would make lrtt local)
 
-        if config.checkpoint is not None:
-            merged = lrtt.merge(method, task.params, adapter, dtype=config.model["dtype"])
+        if isinstance(task.model, lrtt_models.Model):  # smollm2 or a checkpoint directory
+            dtype = config.model["dtype"] if config.checkpoint is not None else None
+            merged = lrtt.merge(method, task.params, adapter, dtype=dtype)
             lrtt.io.export_directory(path, lambda staging: lrtt_models.save(staging, task.model, merged),
                                      source=source, overwrite=overwrite)
-        else:  # a bundled transformers Flax model, in its base's dtype (what export_merged writes)
+        else:  # the bundled transformers Flax MiniLM, in its base's dtype (what export_merged writes)
             merged = lrtt.merge(method, task.params, adapter)
             lrtt.io.export_directory(path, lambda staging: lrtt_models.save_flax_model(staging, task.model, merged),
                                      source=source, overwrite=overwrite)

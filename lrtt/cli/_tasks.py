@@ -87,27 +87,6 @@ def classification_task(config: RunConfig) -> Task:
     return Task("classification", model, model.params, splits, apply, loss, metrics, "accuracy")
 
 
-def lm_task(config: RunConfig) -> Task:
-    """SmolLM2-135M-Instruct, next-token loss on BBC News text blocks of ``max_len`` tokens."""
-    from lrtt.cli._data import bbc_news, lm_blocks
-    from lrtt.cli.zoo import load_smollm2
-
-    model, tokenizer = load_smollm2()
-    check_positions(config, model.config.max_position_embeddings, "SmolLM2-135M")
-    raw = bbc_news(seed=config.data.seed)
-    splits = {}
-    for name, examples in raw.items():
-        blocks = lm_blocks(tokenizer, [text for text, _ in examples], config.data.max_len)
-        limit = config.data.train_limit if name == "train" else config.data.eval_limit
-        splits[name] = {"input_ids": blocks if limit is None else blocks[:limit]}
-
-    def apply(params, batch, rng):
-        del rng
-        return model(batch["input_ids"], params=params, train=False).logits
-
-    return Task("lm", model, model.params, splits, apply, _lm_loss, _lm_metrics, "perplexity")
-
-
 def checkpoint_tokenizer(directory: str):
     """The ``tokenizers.Tokenizer`` of a checkpoint directory (its ``tokenizer.json``).
 
@@ -128,17 +107,23 @@ def checkpoint_tokenizer(directory: str):
     return Tokenizer.from_file(str(file))
 
 
-def checkpoint_lm_task(config: RunConfig) -> Task:
-    """A transformers checkpoint directory (``model: {path: DIR, dtype: ...}``) loaded with
-    :func:`lrtt.models.load`, next-token loss on BBC News text blocks of ``max_len`` tokens,
-    tokenized by the checkpoint's ``tokenizer.json``."""
+def lm_task(config: RunConfig) -> Task:
+    """A causal LM loaded with :func:`lrtt.models.load` — a transformers checkpoint directory
+    (``model: {path: DIR, dtype: ...}``) or the bundled SmolLM2-135M-Instruct (``model: smollm2``,
+    its GGUF converted once into a checkpoint directory, float32) — with next-token loss on BBC
+    News text blocks of ``max_len`` tokens, tokenized by the checkpoint's ``tokenizer.json``."""
     import lrtt.models
     from lrtt.cli._data import bbc_news, lm_blocks
 
-    directory = config.model["path"]
+    if config.checkpoint is None:
+        from lrtt.cli.zoo import smollm2_checkpoint
+
+        directory, dtype = str(smollm2_checkpoint()), "float32"
+    else:
+        directory, dtype = config.model["path"], config.model["dtype"]
     tokenizer = checkpoint_tokenizer(directory)  # before the weights: a missing tokenizer fails at once
     try:
-        model, params = lrtt.models.load(directory, dtype=config.model["dtype"])
+        model, params = lrtt.models.load(directory, dtype=dtype)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"`model.path` {str(directory)!r}: {err}") from None
     raw_config = model.config.raw
@@ -169,10 +154,7 @@ def checkpoint_lm_task(config: RunConfig) -> Task:
 def build_task(config: RunConfig) -> Task:
     """The task of ``config``; with ``quantize.qtype`` set, its frozen base quantized (every
     linear kernel but the head, :func:`lrtt.quantize`)."""
-    if config.checkpoint is not None:
-        task = checkpoint_lm_task(config)
-    else:
-        task = classification_task(config) if config.model == "minilm" else lm_task(config)
+    task = classification_task(config) if config.model == "minilm" else lm_task(config)
     if config.quantize.qtype != "none":
         import lrtt
 

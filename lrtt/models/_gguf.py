@@ -1,11 +1,14 @@
-"""Read a llama-architecture GGUF file into HF Flax Llama params, config and tokenizer.
+"""llama.cpp's GGUF files as transformers checkpoints: config, PyTorch tensor names, tokenizer.
 
-GGUF (llama.cpp's format) stores each weight as ``(out, in)`` — PyTorch's orientation — possibly
-quantized, with q/k rows permuted for llama.cpp's rotary layout, the config as ``llama.*``
-metadata and the tokenizer as vocab + merges lists. :func:`read_gguf_llama` undoes all of that:
-dequantizes to float32, un-permutes q/k (:func:`unpermute_rotary`), transposes to Flax's
-``(in, out)`` Dense kernels, names the leaves as ``FlaxLlamaForCausalLM`` does (``/``-joined) and
-rebuilds a byte-level BPE ``tokenizers`` tokenizer (:func:`tokenizer_from_gguf`).
+GGUF stores each weight as ``(out, in)`` — PyTorch's orientation — possibly quantized, with q/k
+rows permuted for llama.cpp's rotary layout, the config as ``llama.*`` metadata and the tokenizer
+as vocab + merges lists. :class:`GGUFFile` undoes all of that one tensor at a time: it dequantizes
+to float32, un-permutes q/k (:func:`unpermute_rotary`) and names each tensor as transformers'
+``LlamaForCausalLM`` does (``model.layers.0.self_attn.q_proj.weight``), so
+:func:`lrtt.models.load` reads a ``.gguf`` as it reads a ``save_pretrained`` directory.
+:func:`config_from_gguf` gives the ``config.json``, :func:`tokenizer_from_gguf` rebuilds the
+byte-level BPE ``tokenizers`` JSON, :func:`tokenizer_config_from_gguf` the chat template and
+special tokens, and :func:`convert` writes all of it as a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -31,18 +34,20 @@ _UNSUPPORTED_PRE = (
     "tokenize differently from llama.cpp; add its split here before converting this model."
 )
 
-# GGUF tensor name (after `blk.N.`) -> (Flax name under `model/layers/N/`, rotary heads key).
+# GGUF tensor name (after `blk.N.`) -> (transformers name after `model.layers.N.`, rotary heads key).
 _LAYER_TENSORS = {
-    "attn_q.weight": ("self_attn/q_proj/kernel", "n_heads"),
-    "attn_k.weight": ("self_attn/k_proj/kernel", "n_kv_heads"),
-    "attn_v.weight": ("self_attn/v_proj/kernel", None),
-    "attn_output.weight": ("self_attn/o_proj/kernel", None),
-    "ffn_gate.weight": ("mlp/gate_proj/kernel", None),
-    "ffn_up.weight": ("mlp/up_proj/kernel", None),
-    "ffn_down.weight": ("mlp/down_proj/kernel", None),
-    "attn_norm.weight": ("input_layernorm/weight", None),
-    "ffn_norm.weight": ("post_attention_layernorm/weight", None),
+    "attn_q.weight": ("self_attn.q_proj.weight", "num_attention_heads"),
+    "attn_k.weight": ("self_attn.k_proj.weight", "num_key_value_heads"),
+    "attn_v.weight": ("self_attn.v_proj.weight", None),
+    "attn_output.weight": ("self_attn.o_proj.weight", None),
+    "ffn_gate.weight": ("mlp.gate_proj.weight", None),
+    "ffn_up.weight": ("mlp.up_proj.weight", None),
+    "ffn_down.weight": ("mlp.down_proj.weight", None),
+    "attn_norm.weight": ("input_layernorm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
 }
+_TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
 
 
 def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -178,7 +183,16 @@ def tokenizer_from_gguf(reader) -> str:
     return tok.to_str()
 
 
-def _config_from_gguf(reader, n_vocab: int) -> dict[str, Any]:
+def config_from_gguf(reader) -> dict[str, Any]:
+    """The ``config.json`` of a llama GGUF (``gguf.GGUFReader``): a transformers ``LlamaConfig``.
+
+    The head is tied (``tie_word_embeddings``) when the file has no ``output.weight``, as
+    llama.cpp's converter omits it then.
+
+    Raises:
+      ValueError: not a llama GGUF, or a feature the Llama config cannot express (named).
+    """
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"`general.architecture` is {arch!r}; only 'llama' GGUF files are converted.")
@@ -196,11 +210,11 @@ def _config_from_gguf(reader, n_vocab: int) -> dict[str, Any]:
     if rope_dim != head_dim or key_len != head_dim:
         raise ValueError(
             f"head size {key_len} / rotary dims {rope_dim} differ from hidden / heads = {head_dim}; "
-            "FlaxLlama supports only full rotary on heads of size hidden / heads."
+            "lrtt.models reads only full rotary on heads of size hidden / heads from GGUF."
         )
     scaling = _field(reader, "llama.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise ValueError(f"`llama.rope.scaling.type` is {scaling!r}; FlaxLlama supports no rope scaling.")
+        raise ValueError(f"`llama.rope.scaling.type` is {scaling!r}; GGUF rope scaling is not read; convert the original transformers checkpoint instead.")
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -217,7 +231,7 @@ def _config_from_gguf(reader, n_vocab: int) -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,  # FlaxLlama has no tying: lm_head is a copy of the embedding
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
@@ -233,87 +247,111 @@ def _tensor_f32(tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
 
 
-def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
-    """Convert a llama-architecture GGUF file to FlaxLlama params, config and tokenizer.
-
-    Every tensor is dequantized to float32 (:func:`gguf_llama_readers` reads them one at a time).
-
-    Args:
-      path: the ``.gguf`` file.
-
-    Returns:
-      ``(config, params, tokenizer_json)``: ``config`` the kwargs of a ``transformers.LlamaConfig``;
-      ``params`` flat ``{'/'-joined FlaxLlamaForCausalLM path: float32 array}``, e.g.
-      ``model/layers/0/self_attn/q_proj/kernel: (hidden, n_heads * head_dim)``;
-      ``tokenizer_json`` from :func:`tokenizer_from_gguf`.
-
-    Raises:
-      ValueError, ModuleNotFoundError: as :func:`gguf_llama_readers`.
-    """
-    config, readers, tokenizer_json = gguf_llama_readers(path)
-    return config, {name: read() for name, read in readers.items()}, tokenizer_json
-
-
-def gguf_llama_readers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Callable[[], np.ndarray]], str]:
-    """A llama-architecture GGUF file as FlaxLlama param names, each with a reader of its tensor.
-
-    Nothing is dequantized until a reader is called (the file is memory-mapped): reading and
-    quantizing one kernel at a time (:func:`lrtt.load_quantized`) never holds the model in float.
-    A reader dequantizes to float32; PyTorch/GGUF ``(out, in)`` weights become Flax ``(in, out)``
-    kernels: ``kernel = W.T``; q and k first go through :func:`unpermute_rotary` (with the query
-    and the KV head count). A missing ``output.weight`` means tied embeddings:
-    ``lm_head/kernel = embed_tokens/embedding.T``, a copy, since FlaxLlama does not tie.
-
-    Returns:
-      ``(config, readers, tokenizer_json)``: ``readers`` ``{'/'-joined path: () -> float32 array}``.
-
-    Raises:
-      ValueError: not a llama GGUF, a feature FlaxLlama cannot express, or an unknown tensor.
-      ModuleNotFoundError: ``gguf`` is not installed (the message names the ``models`` extra).
-    """
+def _reader(path: str | os.PathLike):
     with needs_extra():
         import gguf
 
-    reader = gguf.GGUFReader(os.fspath(path))
-    tokenizer_json = tokenizer_from_gguf(reader)
-    config = _config_from_gguf(reader, len(reader.fields["tokenizer.ggml.tokens"].data))
-    heads = {"n_heads": config["num_attention_heads"], "n_kv_heads": config["num_key_value_heads"]}
+    return gguf.GGUFReader(os.fspath(path))
 
-    def transposed(tensor, rotary=None):
-        def read():
-            w = _tensor_f32(tensor)
-            if rotary is not None:
-                w = unpermute_rotary(w, heads[rotary])
-            return np.ascontiguousarray(w.T) if w.ndim == 2 else w
-        return read
 
-    readers: dict[str, Callable[[], np.ndarray]] = {}
-    unknown = []
-    for tensor in reader.tensors:
-        name = tensor.name
-        block = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-        if name == "token_embd.weight":
-            readers["model/embed_tokens/embedding"] = functools.partial(_tensor_f32, tensor)
-            n_rows = int(tensor.shape[-1])
-        elif name == "output_norm.weight":
-            readers["model/norm/weight"] = functools.partial(_tensor_f32, tensor)
-        elif name == "output.weight":
-            readers["lm_head/kernel"] = transposed(tensor)
-        elif block and block.group(2) in _LAYER_TENSORS:
-            flax_name, rotary = _LAYER_TENSORS[block.group(2)]
-            readers[f"model/layers/{int(block.group(1))}/{flax_name}"] = transposed(tensor, rotary)
-        else:
-            unknown.append(name)
-    if unknown:
-        raise ValueError(
-            f"the GGUF holds tensors FlaxLlama has no place for: {unknown[:5]}"
-            f"{' …' if len(unknown) > 5 else ''} (biases, rope_freqs or another architecture)."
-        )
-    if "model/embed_tokens/embedding" not in readers:
-        raise ValueError("the GGUF has no token_embd.weight: not a complete llama model.")
-    if "lm_head/kernel" not in readers:
-        embedding = readers["model/embed_tokens/embedding"]
-        readers["lm_head/kernel"] = lambda: np.ascontiguousarray(embedding().T)
-    if n_rows != config["vocab_size"]:
-        raise ValueError(f"`llama.vocab_size` is {config['vocab_size']} but token_embd has {n_rows} rows.")
-    return config, readers, tokenizer_json
+class GGUFFile:
+    """A llama GGUF as transformers tensors: ``file[name]`` dequantizes one to float32.
+
+    ``name`` is the PyTorch name (``model.layers.3.mlp.up_proj.weight``, ``(out, in)``); q and k
+    come un-permuted (:func:`unpermute_rotary`, with the query and the KV head counts). The file
+    is memory-mapped: nothing is dequantized until a tensor is read.
+
+    Raises:
+      ValueError: a tensor with no place in a transformers Llama (biases, ``rope_freqs``,
+        another architecture's), or a vocab size that disagrees with the embedding.
+    """
+
+    def __init__(self, path: str | os.PathLike, reader: Any = None):
+        self.path = os.fspath(path)
+        self.reader = reader if reader is not None else _reader(path)
+        self.config = config_from_gguf(self.reader)
+        self._tensors: dict[str, tuple[Any, str | None]] = {}
+        unknown = []
+        for tensor in self.reader.tensors:
+            block = re.fullmatch(r"blk\.(\d+)\.(.+)", tensor.name)
+            if tensor.name in _TOP_TENSORS:
+                self._tensors[_TOP_TENSORS[tensor.name]] = (tensor, None)
+            elif block and block.group(2) in _LAYER_TENSORS:
+                name, rotary = _LAYER_TENSORS[block.group(2)]
+                self._tensors[f"model.layers.{int(block.group(1))}.{name}"] = (tensor, rotary)
+            else:
+                unknown.append(tensor.name)
+        if unknown:
+            raise ValueError(
+                f"{self.path!r} holds tensors a transformers Llama has no place for: {unknown[:5]}"
+                f"{' …' if len(unknown) > 5 else ''} (biases, rope_freqs or another architecture).")
+        embed = self._tensors.get("model.embed_tokens.weight")
+        if embed is None:
+            raise ValueError(f"{self.path!r} has no token_embd.weight: not a complete llama model.")
+        if int(embed[0].shape[-1]) != self.config["vocab_size"]:
+            raise ValueError(f"{self.path!r}: `llama.vocab_size` is {self.config['vocab_size']} but token_embd has "
+                             f"{int(embed[0].shape[-1])} rows.")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._tensors[name][0].shape))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor, rotary = self._tensors[name]
+        w = _tensor_f32(tensor)
+        return unpermute_rotary(w, self.config[rotary]) if rotary else w
+
+
+def tensor_index(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[GGUFFile, str]]]:
+    """``(config, {tensor name: (file, name)})`` of a ``.gguf``: what :func:`lrtt.models.load`
+    takes from a checkpoint directory's ``config.json`` and safetensors."""
+    file = GGUFFile(path)
+    return file.config, {name: (file, name) for name in file.keys()}
+
+
+def tokenizer_config_from_gguf(reader) -> dict[str, Any]:
+    """``tokenizer_config.json`` of a GGUF: its chat template and special tokens, so that
+    ``transformers.AutoTokenizer.from_pretrained`` of the converted directory gives a fast
+    tokenizer with ``apply_chat_template``."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        index = _field(reader, f"tokenizer.ggml.{field}")
+        if index is not None:
+            out[key] = str(tokens[int(index)])
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        out["chat_template"] = str(template)
+    context = _field(reader, "llama.context_length")
+    if context is not None:
+        out["model_max_length"] = int(context)
+    return out
+
+
+def convert(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Write a llama GGUF as a transformers checkpoint directory (float32 ``model.safetensors``,
+    ``config.json``, ``tokenizer.json``, ``tokenizer_config.json``, ``generation_config.json``);
+    the files are written in place (write to a fresh directory). Returns the names written."""
+    import json
+    import pathlib
+
+    from lrtt.models._safetensors import write_sharded
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    file = GGUFFile(path)
+    tensors = [(name, file.shape(name), np.dtype(np.float32), functools.partial(file.__getitem__, name))
+               for name in sorted(file.keys())]
+    written = write_sharded(out, tensors, max_shard_size=1 << 62)
+    config = dict(file.config, dtype="float32")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    files = {"config.json": json.dumps(config, indent=2, sort_keys=True),
+             "tokenizer.json": tokenizer_from_gguf(file.reader),
+             "tokenizer_config.json": json.dumps(tokenizer_config_from_gguf(file.reader), indent=2, sort_keys=True),
+             "generation_config.json": json.dumps(generation, indent=2, sort_keys=True)}
+    for name, text in files.items():
+        (out / name).write_text(text + "\n")
+    return written + list(files)
