@@ -23,6 +23,8 @@ EXTRA_OF = {
     "yaml": "cli",
     "tqdm": "cli",
     "qwix": "quant",
+    "pyarrow": "data",
+    "jinja2": "data",
 }
 
 

@@ -42,12 +42,14 @@ PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check install)
 # 2. Light dependencies actually imported by
 #    `from gemma import gm` -> gm.nn.Transformer / gm.nn.config   (kauldron, dialog, sentencepiece),
 #    `from tunix.models.llama3 import model` (tunix/__init__ imports sft/rl/perf/utils eagerly),
-#    plus the HF Flax classes and the test tools.
+#    plus the HF Flax classes, lrtt.data's chat templates (jinja2) and Parquet reader (pyarrow),
+#    and the test tools.
 "${PIP[@]}" \
     chex einops jaxtyping typeguard immutabledict ml_collections lark clu sentencepiece \
     pillow requests \
     google-metrax tensorboardX perfetto pandas huggingface_hub \
     "transformers>=4.45,<5" "safetensors>=0.4,<0.8" "tokenizers>=0.19" \
+    "jinja2>=3.1" "pyarrow>=14" \
     "gguf>=0.10" "matplotlib>=3.8" \
     pytest pytest-xdist
 
