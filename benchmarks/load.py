@@ -11,7 +11,7 @@ with lrtt.models' own writer (only one tensor exists in memory at a time).
 ``lrtt.models.load(DIR, dtype="bfloat16", quantize={"qtype": "nf4", "packed": True,
 "scale_dtype": float32})`` — the base benchmarks/memory.py's 7B NF4 case builds: packed NF4
 kernels in blocks of 64, float32 scales, bf16 embedding, norms and head — and reports the peak RSS
-(``ru_maxrss``) against ``final params + the checkpoint's largest tensor + 1 GiB``. ``--step``
+(``VmHWM``, the process's peak RSS) against ``final params + the checkpoint's largest tensor + 1 GiB``. ``--step``
 then runs one LoRA step in the same process (r = 8 on q and v, AdamW, batch 1 x 128 tokens, the
 factored loss: benchmarks/memory.py's settings) and reports the peak of load + step against
 8 GiB (the load's own peak is read before the step).
@@ -140,6 +140,17 @@ class _Sampler(threading.Thread):
             time.sleep(0.05)
 
 
+def _peak_rss() -> int:
+    """This process image's peak RSS in bytes: ``VmHWM`` of ``/proc/self/status``, which starts
+    afresh at ``exec`` (``ru_maxrss`` does not: it keeps the pre-exec image's peak, so a child of
+    the process that wrote the 13.5 GB checkpoint would inherit the writer's RSS as a floor)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def case(directory: str, step: bool) -> dict:
     """One measurement in this (fresh) process."""
     import jax
@@ -149,7 +160,7 @@ def case(directory: str, step: bool) -> dict:
     import lrtt.models
 
     jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
-    runtime_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    runtime_rss = _peak_rss()
     sampler = _Sampler()
     sampler.start()
     start = time.perf_counter()
@@ -159,7 +170,7 @@ def case(directory: str, step: bool) -> dict:
     jax.block_until_ready(params)
     load_s = time.perf_counter() - start
     out = {"case": "load+step" if step else "load", "load_s": load_s, "runtime_rss_bytes": runtime_rss,
-           "load_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "load_peak_rss_bytes": _peak_rss(),
            "load_peak_at_s": sampler.at, "params_bytes": _nbytes(params)}
     name, largest = _largest(directory)
     out.update(largest_tensor=name, largest_bytes=largest)
@@ -186,7 +197,7 @@ def case(directory: str, step: bool) -> dict:
         out["loss"] = float(value)
         out["step_s"] = time.perf_counter() - start
         out["adapter_opt_bytes"] = _nbytes(state.adapter) + _nbytes(state.opt_state)
-        out["step_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["step_peak_rss_bytes"] = _peak_rss()
     sampler.stop = True
     return out
 

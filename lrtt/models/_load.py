@@ -63,6 +63,9 @@ def _load_quantized(shapes, by_path, num_layers, read, tensor, dtype, quantize) 
                     treedef = treedef_i
                     buffers = [jnp.zeros((num_layers, *x.shape[1:]), x.dtype) for x in parts]
                 buffers = [_set_layer(b, part, i) for b, part in zip(buffers, parts)]  # in place (donated)
+                # Wait for this layer before reading the next: dispatch is asynchronous, and on a busy
+                # machine queued layers would each keep their float tensor and temporaries alive.
+                jax.block_until_ready(buffers)
                 del value, parts
             values[leaf_path] = jax.tree.unflatten(treedef, buffers)
             del buffers
