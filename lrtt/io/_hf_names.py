@@ -263,3 +263,50 @@ def saved_root(module: str, saved_names: Sequence[str]) -> str | None:
         if any(candidate.endswith(n) for n in saved_names):
             return candidate
     return None
+
+
+# --- einsum-shaped trees: google-tunix NNX models and the gemma package ----------------------------
+
+EINSUM_FAMILIES = ("tunix_llama", "tunix_gemma", "gemma")
+"""Families (:mod:`lrtt._families`) whose kernels are einsum-shaped, one per layer: PEFT names from
+:func:`einsum_modules`, as :func:`lrtt.models.save_tunix` / :func:`lrtt.models.save_gemma` write
+the checkpoint."""
+
+_TUNIX_LAYER = r"(?:^|/)layers/(\d+)/"
+_GEMMA_LAYER = r"(?:^|/)layer_(\d+)/"
+_ATTN = "model.layers.{0}.self_attn."
+_EINSUM_MODULES = (
+    (_TUNIX_LAYER + r"attn/(q|k|v|o)_proj/w$", (_ATTN + "{1}_proj",)),  # tunix Llama 3, Qwen 2/3
+    (_TUNIX_LAYER + r"mlp/(gate|up|down)_proj/kernel$", ("model.layers.{0}.mlp.{1}_proj",)),  # every tunix family
+    (r"(?:^|/)lm_head/w$", ("lm_head",)),  # tunix Llama 3 / Qwen untied head
+    ((_TUNIX_LAYER, _GEMMA_LAYER), None),  # Gemma attention, below, for both
+    (_GEMMA_LAYER + r"mlp/gating_einsum$", ("model.layers.{0}.mlp.gate_proj", "model.layers.{0}.mlp.up_proj")),
+    (_GEMMA_LAYER + r"mlp/linear$", ("model.layers.{0}.mlp.down_proj",)),
+)
+_GEMMA_ATTENTION = (
+    (r"attn/q_einsum/w$", (_ATTN + "q_proj",)),
+    (r"attn/kv_einsum/w$", (_ATTN + "k_proj", _ATTN + "v_proj")),
+    (r"attn/qkv_einsum/w$", (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj")),
+    (r"attn/attn_vec_einsum/w$", (_ATTN + "o_proj",)),
+)
+
+
+def einsum_modules(path: str) -> tuple[str, ...] | None:
+    """The PyTorch modules of a tunix / gemma-package kernel, or None.
+
+    A fused kernel is several modules, its out columns split evenly among them in order:
+    ``layers/3/attn/kv_einsum/w (2, K, D, H)`` -> ``("model.layers.3.self_attn.k_proj",
+    "model.layers.3.self_attn.v_proj")``, ``layer_0/mlp/gating_einsum`` -> ``(…gate_proj, …up_proj)``.
+    """
+    for pattern, modules in _EINSUM_MODULES:
+        if modules is None:  # Gemma's attention einsums, under tunix's layers/N/ or gemma's layer_N/
+            for layer in pattern:
+                for suffix, parts in _GEMMA_ATTENTION:
+                    match = re.search(layer + suffix, path)
+                    if match:
+                        return tuple(m.format(*match.groups()) for m in parts)
+            continue
+        match = re.search(pattern, path)
+        if match:
+            return tuple(m.format(*match.groups()) for m in modules)
+    return None

@@ -108,6 +108,13 @@ def save_peft(
     ``Trainable`` leaves are saved as ``modules_to_save``: whole PyTorch modules, their
     untrained parameters taken from ``params``.
 
+    On google-tunix NNX trees (Llama 3, Qwen 2/3, Gemma, Gemma 3) and the gemma package's params,
+    modules get the Hugging Face names of the checkpoint :func:`lrtt.models.save_tunix` /
+    :func:`lrtt.models.save_gemma` write (``model.layers.N.self_attn.q_proj``, ...): each einsum
+    kernel is read as the ``(in, out)`` matrix of its family layout (``q_proj/w (D, N, H)``: in D,
+    out N·H), and a fused kernel (``kv_einsum``, ``qkv_einsum``, ``gating_einsum``) becomes one
+    LoRA per module, sharing ``A``, each with its column block of ``B``.
+
     Args:
       directory: created if missing; ``adapter_config.json`` and ``adapter_model.safetensors``
         are overwritten.
@@ -131,7 +138,10 @@ def save_peft(
         factors of a family with no per-layer PyTorch names (``lrtt.models``' params have them:
         ``model.layers.N.self_attn.q_proj``, :mod:`lrtt.io._peft_stacked`), LoRA on a leaf that is not a kernel, a ``trainable`` leaf inside a LoRA target,
         or an unknown ``family`` / ``task_type`` / ``check``; with ``check="vllm"``, what vLLM
-        would refuse (the message says what to change).
+        would refuse (the message says what to change). On tunix / gemma-package trees: an entry
+        on a leaf with no PyTorch Linear (embeddings, norms, Qwen 3 MoE experts), a layout other than
+        the family's (per-head adapters), ``trainable`` leaves; MaxText params (no PyTorch names:
+        the message names MaxText's conversion scripts).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, lrtt
@@ -158,11 +168,15 @@ def save_peft(
             f"vLLM does not serve modules_to_save, and the adapter trains {len(trained)} leaf/leaves in full "
             f"(lrtt's `trainable`): {sorted(trained)[:3]}. Train without `trainable` (method.trainable=None), "
             "or export the merged model instead (lrtt.models.save / lrtt export --format hf).")
+    _refuse_unnamed(family, "saved")
     stacked = _stacked_family(family)
     if stacked is not None:  # layers stacked on a leading axis: one PyTorch module per layer
         from lrtt.io import _peft_stacked
 
         tensors, ranks, alphas, candidates = _peft_stacked.save_tensors(method, low_rank, trained, stacked, leaves)
+        modules_to_save, tie = [], False
+    elif family in names.EINSUM_FAMILIES:  # tunix NNX, gemma package: einsum kernels, fused q/k/v, gate/up
+        tensors, ranks, alphas, candidates = _einsum_tensors(method, low_rank, trained, family, params, leaves)
         modules_to_save, tie = [], False
     else:
         tensors, ranks, alphas = _lora_tensors(method, low_rank, _targets(params, low_rank, method.layouts))
@@ -235,6 +249,95 @@ def _stacked_family(family: str | None):
             "PEFT files of lrtt.models' GPT-2 are not supported: lrtt holds q, k and v apart, PEFT's GPT-2 "
             "adapts the fused c_attn. Export the merged model with lrtt.models.save instead.")
     return found if found.peft_modules else None
+
+
+_UNNAMED = {
+    "maxtext": (
+        "MaxText params (decoder/layers/self_attention/query/kernel, ...) have no Hugging Face module names in lrtt "
+        "(they depend on MaxText's decoder block and scan settings), so no PEFT file can be {verb} for them. "
+        "Convert the checkpoint with MaxText's conversion scripts (MaxText/utils/ckpt_conversion, to Hugging "
+        "Face) and train on lrtt.models.load(<it>), whose adapters lrtt.save_peft writes; or export the merged "
+        "params with lrtt.merge and convert those."
+    ),
+}
+"""Families of :mod:`lrtt._families` whose params have no PyTorch twin in lrtt: why, and what to do."""
+_SAVER = {"tunix_llama": "save_tunix", "tunix_gemma": "save_tunix", "gemma": "save_gemma"}
+"""The :mod:`lrtt.models` function writing the Hugging Face checkpoint of an einsum family's params."""
+
+
+def _refuse_unnamed(family: str | None, verb: str) -> None:
+    if family in _UNNAMED:
+        raise ValueError(_UNNAMED[family].format(verb=verb))
+
+
+def _einsum_tensors(method: Any, low_rank: dict[str, Any], trained: dict[str, Any], family: str, params: Any,
+                    leaves: dict[str, Any]):
+    """``(tensors, {module: rank}, {module: lora_alpha}, candidate modules)`` of an adapter on a
+    google-tunix NNX tree or gemma-package params, under the Hugging Face names
+    :func:`lrtt.models.save_tunix` / :func:`lrtt.models.save_gemma` write.
+
+    Each kernel is read as the ``(in, out)`` matrix of its family layout (``q_proj/w (D, N, H)``
+    ``'in out out'``: in = D, out = N·H in row-major order, the rows of PyTorch's ``q_proj.weight
+    (N·H, D)``; ``o_proj/w (N, H, D)`` ``'in in out'``: in = N·H), so ``lora_A = Aᵀ: (r, in)``,
+    ``lora_B = Bᵀ: (out, r)``. A fused kernel (Gemma's ``kv_einsum (2, K, D, H)``: out = (2, K, H))
+    is one LoRA per part: the shared ``A``, and ``B``'s column block of that part (the gemma
+    package's ``gating_einsum (2, F, D)``: out = (2, F), gate then up).
+    """
+    found = _families.by_name(family)
+    saver = f"lrtt.models.{_SAVER[family]}"
+    if trained:
+        raise ValueError(
+            f"cannot write trainable leaves {sorted(trained)[:3]} of {found.stack} as PEFT modules_to_save "
+            "(lrtt maps only their linear kernels to PyTorch modules). Save the LoRA factors alone (method "
+            f"without `trainable`), or export the merged model with {saver}.")
+    targets = _targets(params, low_rank, method.layouts)
+    shapes = {p: tuple(v.shape) for p, v in leaves.items()}
+    candidates = {m for p in leaves for m in (names.einsum_modules(p) or ())}
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, Any] = {}
+    all_zero = True
+    for path in sorted(low_rank):
+        entry, target = low_rank[path], targets[path]
+        modules = names.einsum_modules(path)
+        if modules is None:
+            if re.search(r"(^|/)mlp/(gate|up|down)_proj$", path):
+                why = ("it is a tunix Qwen 3 mixture-of-experts kernel (E, in, out): lrtt writes no per-expert PEFT "
+                       "modules. Target the attention projections (targets='attention')")
+            else:
+                why = ("only the attention projections, the MLP kernels and lm_head have PyTorch Linear modules "
+                       "(PEFT adapts those). Target those (targets='qv', 'attention' or 'all-linear')")
+            raise ValueError(f"cannot write the LoRA entry at {path!r} in PEFT's format: {why}, or export the "
+                             f"merged model with {saver}.")
+        expected = found.layout_of(path, shapes[path], shapes) or ("in out" if len(shapes[path]) == 2 else None)
+        if expected is None and re.search(r"(^|/)mlp/gating_einsum$", path):
+            # (2, F, D) or (2, D, F), not decidable from the shapes (F == D): either reading puts gate, up first
+            expected = str(target.layout) if str(target.layout) in ("out out in", "out in out") else "out out in"
+        if str(target.layout) != expected:
+            raise ValueError(
+                f"cannot write the LoRA entry at {path!r} in PEFT's format: the adapter reads the kernel "
+                f"{shapes[path]} as layout {str(target.layout)!r}, but the PyTorch weight of "
+                f"{list(modules)} is its (in, out) matrix under {expected!r}"
+                + (" (a 'layer' axis makes one adapter per head or per slice, not one per module)" if target.stack
+                   else "")
+                + f". Train with the family's layout (drop `layouts` for {path!r}), or export the merged model "
+                f"with {saver}.")
+        a, b = (np.asarray(m, np.float32) for m in entry.factor_matrices())
+        rank = a.shape[-1]
+        if a.shape != (target.n_in, rank) or b.shape != (rank, target.n_out) or target.n_out % len(modules):
+            raise ValueError(
+                f"the factors at {path!r} have shapes A {a.shape}, B {b.shape} but the kernel is a "
+                f"({target.n_in}, {target.n_out}) matrix: the adapter was made for another model.")
+        width = target.n_out // len(modules)
+        for j, module in enumerate(modules):
+            tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b[:, j * width:(j + 1) * width].T)
+            ranks[module] = rank
+            alphas[module] = _alpha(method, path, rank, entry.scale)
+        all_zero = all_zero and not (np.any(a) and np.any(b))
+    if all_zero:
+        warnings.warn("every LoRA update of the adapter is zero (B = 0): was it trained?", stacklevel=3)
+    return tensors, ranks, alphas, candidates
 
 
 def _savable_entries(method: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -469,10 +572,18 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
       ValueError: a PEFT type other than plain LoRA (DoRA, LoHa, LoKr, IA3, …) or a LoRA variant;
         ``r``, ``lora_alpha`` or ``target_modules`` missing from the config; no tensors; keys
         without ``base_model.model.``; ``target_modules`` matching no module of the params;
-        missing or extra tensors; shape mismatches.
+        missing or extra tensors; shape mismatches; params of google-tunix, the gemma package or
+        MaxText (load onto ``lrtt.models.load``'s params of the Hugging Face checkpoint instead).
     """
     leaves = dict(named_leaves(params))
     family = names.resolve_family(list(leaves), family)
+    _refuse_unnamed(family, "loaded")
+    if family in names.EINSUM_FAMILIES:
+        raise ValueError(
+            f"load_peft onto {_families.by_name(family).stack} params is not supported (lrtt writes PEFT files "
+            "of these trees, it does not read them back onto their einsum kernels). Load the adapter onto the "
+            "Hugging Face checkpoint's params instead: model, params = lrtt.models.load(<checkpoint>) (write one "
+            f"from these params with lrtt.models.{_SAVER[family]}), then lrtt.load_peft(directory, params).")
     stacked = _stacked_family(family)
     if stacked is not None:
         from lrtt.io import _peft_stacked

@@ -1,0 +1,616 @@
+"""JAX model trees -> Hugging Face checkpoints (PyTorch names and layouts), without torch.
+
+:func:`save_tunix` writes the (merged) params of a google-tunix NNX Llama 3, Qwen 2, Qwen 3,
+Gemma (1, 2) or Gemma 3 model, :func:`save_gemma` those of the ``gemma`` package's linen
+``gm.nn.Transformer`` (Gemma 1, 2, 3 text), as the checkpoint directory
+``transformers.AutoModelForCausalLM`` and :func:`lrtt.models.load` read.
+
+Names and layouts. Each PyTorch tensor the checkpoint needs (:mod:`lrtt.models._names`, for the
+``config.json`` written) comes from one leaf. For tunix it is looked up in tunix's own
+``_get_key_and_transform_mapping(config)`` (``tunix/models/*/params*.py``), the map tunix reads
+Hugging Face checkpoints with, and the ``(permute, reshape)`` it names is inverted:
+``q_proj.weight (N·H, D)`` <- ``attn/q_proj/w (D, N, H)``, ``o_proj.weight (D, N·H)`` <-
+``attn/o_proj/w (N, H, D)``, Gemma's fused ``kv_einsum (2, K, D, H)`` / ``qkv_einsum (3, N, D, H)``
+split back into ``k_proj`` / ``v_proj`` (/ ``q_proj``) as tunix's preprocess stacks them. The
+gemma package's map (:func:`_gemma_tensor`) is transformers' Gemma conversion read backwards:
+``q_einsum (N, D, H)`` -> ``(N·H, D)``, ``gating_einsum (2, F, D)`` -> ``gate_proj`` / ``up_proj``,
+``linear (F, D)`` -> ``down_proj (D, F)``.
+
+``config.json`` is the ``source`` checkpoint's when given, else built from the model's config
+(:func:`tunix_hf_config`, :func:`gemma_hf_config`) so that transformers computes what the JAX
+forward computes. Where tunix's forward departs from its own config (tunix's Llama 3 and Qwen 3
+rotate with the ``rope_theta`` default of their ``apply_rope``, 1e6, whatever
+``ModelConfig.rope_theta`` says), the built config follows the forward and a warning names the
+difference. MaxText trees have no map here (an error names MaxText's own conversion scripts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import pathlib
+import re
+import shutil
+import warnings
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from lrtt import _families
+from lrtt._paths import is_quantized, named_leaves
+from lrtt.models import _names
+from lrtt.models._config import parse_config
+from lrtt.models._model import Model
+from lrtt.models._safetensors import write_sharded
+from lrtt.models._save import _TORCH_DTYPES, COPIED
+
+FAMILIES = ("llama3", "qwen2", "qwen3", "gemma", "gemma3")
+"""The tunix model packages (``tunix.models.<name>``) :func:`save_tunix` writes."""
+
+_PARAMS_MODULE = {
+    "llama3": "tunix.models.llama3.params", "qwen2": "tunix.models.qwen2.params",
+    "qwen3": "tunix.models.qwen3.params", "gemma": "tunix.models.gemma.params_safetensors",
+    "gemma3": "tunix.models.gemma3.params_safetensors",
+}
+"""Where each family's ``_get_key_and_transform_mapping`` (Hugging Face name -> tunix path) lives."""
+
+ALTERNATIVES = (
+    "export through a Hugging Face checkpoint another way: tunix's own "
+    "`save_lora_merged_model_as_safetensors` (tunix.models.qwen3.params, ...) on the base checkpoint, or "
+    "lrtt.models.load(<the HF checkpoint>) and train there, then lrtt.models.save / lrtt.save_peft"
+)
+GEMMA_ALTERNATIVES = (
+    "convert the gemma checkpoint with transformers' Gemma conversion script (convert_gemma3_weights.py) and "
+    "use lrtt.models.load on the result, then lrtt.models.save / lrtt.save_peft"
+)
+MAXTEXT = (
+    "MaxText params (decoder/layers/...) have no Hugging Face name map in lrtt: it depends on MaxText's decoder "
+    "block and scan settings. Convert with MaxText's checkpoint conversion scripts (MaxText/utils/ckpt_conversion, "
+    "to Hugging Face) and use lrtt.models.load on the Hugging Face checkpoint."
+)
+
+
+def _what(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__name__}"
+
+
+def _refuse_other_stacks(model_or_config: Any, params: Any, expected: str) -> None:
+    """An error naming the right function (or MaxText's conversion) for a model of another stack."""
+    module = type(model_or_config).__module__
+    config_module = type(getattr(model_or_config, "config", None)).__module__
+    if "maxtext" in module.lower() or "maxtext" in config_module.lower():
+        raise ValueError(MAXTEXT)
+    if params is not None:
+        found = _families.detect([p for p, _ in named_leaves(params)])
+        if found is not None and found.name == "maxtext":
+            raise ValueError(MAXTEXT)
+    if expected == "tunix" and (module.startswith("gemma.") or config_module.startswith("gemma.")):
+        raise ValueError(f"{_what(model_or_config)} is the gemma package's model: write it with "
+                         "lrtt.models.save_gemma, not save_tunix.")
+    if expected == "gemma" and (module.startswith("tunix.") or config_module.startswith("tunix.")):
+        raise ValueError(f"{_what(model_or_config)} is a tunix model: write it with lrtt.models.save_tunix, "
+                         "not save_gemma.")
+
+
+# --- which model ------------------------------------------------------------------------------
+
+
+def _tunix_config(model_or_config: Any) -> tuple[str, Any, Any]:
+    """``(family, ModelConfig, model module)`` of a tunix model or its ``ModelConfig``.
+
+    Raises:
+      ValueError: not a tunix model or config of :data:`FAMILIES` (the message names the alternative).
+    """
+    _refuse_other_stacks(model_or_config, None, "tunix")
+    config = model_or_config
+    if not type(config).__name__.endswith("ModelConfig") and hasattr(config, "config"):
+        config = config.config  # a tunix model (nnx.Module) carries its ModelConfig
+    parts = type(config).__module__.split(".")
+    if len(parts) == 4 and parts[:2] == ["tunix", "models"] and parts[3] == "model":
+        family = parts[2]
+        if family in FAMILIES:
+            return family, config, importlib.import_module(type(config).__module__)
+        raise ValueError(
+            f"tunix's {family!r} models are not written by save_tunix: lrtt.models (the Hugging Face decoder "
+            f"it writes for) has no such family; supported: tunix.models.{{{', '.join(FAMILIES)}}}. Instead, "
+            + ALTERNATIVES + ".")
+    raise ValueError(f"save_tunix writes google-tunix NNX models (tunix.models.{{{', '.join(FAMILIES)}}}: the "
+                     f"model or its ModelConfig); got {_what(model_or_config)}.")
+
+
+def _gemma_config(model_or_config: Any) -> Any:
+    """The ``gm.nn.config.TransformerConfig`` of a gemma-package ``gm.nn.Transformer`` or config."""
+    _refuse_other_stacks(model_or_config, None, "gemma")
+    config = model_or_config
+    if type(config).__name__ != "TransformerConfig" and hasattr(config, "config"):
+        config = config.config
+    if type(config).__module__ == "gemma.gm.nn._config" and type(config).__name__ == "TransformerConfig":
+        return config
+    raise ValueError(f"save_gemma writes the gemma package's gm.nn.Transformer (Gemma 1, 2, 3 text: the model or its "
+                     f"gm.nn.config.TransformerConfig); got {_what(model_or_config)}. Gemma 3n and Gemma 4 have no "
+                     "lrtt.models decoder: " + GEMMA_ALTERNATIVES + ".")
+
+
+def _forward_rope_theta(family: str, module: Any, config: Any) -> float:
+    """The ``rope_theta`` tunix's attention really rotates with: its config's when the attention
+    block passes it, else the default of the module's ``apply_rope`` (tunix 0.1.7's Llama 3 and
+    Qwen 3 pass none, so they use 1e6 whatever the config says)."""
+    theta = config.rope_theta
+    try:
+        block = inspect.getsource(module.Attention.block)
+        default = inspect.signature(module.apply_rope).parameters["rope_theta"].default
+    except (OSError, TypeError, KeyError, AttributeError):
+        return float(theta)
+    if "rope_theta" in block or default is inspect.Parameter.empty:
+        return float(theta)
+    if float(default) != float(theta):
+        warnings.warn(
+            f"tunix's {family} forward ignores ModelConfig.rope_theta={theta} and rotates with its apply_rope "
+            f"default {default}: the config.json written records rope_theta={default}, what the params were "
+            "run with. Pass source=<the Hugging Face checkpoint> to write that checkpoint's config.json instead.",
+            stacklevel=4)
+    return float(default)
+
+
+def _rope(theta: float) -> dict:
+    return {"rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+
+
+def _gemma_like(refuse: Callable[..., ValueError], c: Any, *, types: list[str], qk_norm: bool, post_attn: bool,
+                post_ffw: bool, attn_softcap: float | None, final_softcap: float | None, query_scalar: float | None,
+                local_base: float, global_base: float, local_scale: float, global_scale: float) -> dict:
+    """The config.json of a Gemma-style model (tunix ``gemma`` / ``gemma3``, the gemma package):
+    ``gemma3_text`` with q/k norms, ``gemma2`` with the post norms, else ``gemma``."""
+    common = {
+        "vocab_size": c.num_embed, "hidden_size": c.embed_dim, "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": len(types), "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "rms_norm_eps": 1e-6,  # their RMSNorm's
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+        "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+    }
+    if query_scalar is None:
+        raise refuse("query_pre_attn_norm", "BY_EMBED_DIM_DIV_NUM_HEADS", "Hugging Face Gemma scales queries by "
+                     "query_pre_attn_scalar^-1/2 only")
+    if post_attn != post_ffw:
+        raise refuse("use_post_attn_norm", post_attn, f"with use_post_ffw_norm={post_ffw}: Hugging Face Gemma has "
+                     "neither norm, Gemma 2 and 3 both")
+    if "sliding_attention" in types and not c.sliding_window_size:
+        raise refuse("sliding_window_size", c.sliding_window_size, "sliding layers need a window")
+    window = c.sliding_window_size if "sliding_attention" in types else None
+    if float(local_scale) != 1.0:
+        raise refuse("local_scale_factor", local_scale, "Hugging Face Gemma scales the global layers' rope only")
+    softcaps = {"attn_logit_softcapping": attn_softcap, "final_logit_softcapping": final_softcap}
+    if qk_norm:
+        if not post_attn:
+            raise refuse("use_qk_norm", True, "without the post norms (Hugging Face Gemma 3 has both)")
+        full = {"rope_type": "default", "rope_theta": float(global_base)}
+        scaling = None
+        if float(global_scale) != 1.0:
+            scaling = {"rope_type": "linear", "factor": float(global_scale)}
+            full.update(scaling)
+        return {
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **common,
+            "max_position_embeddings": 131072, "query_pre_attn_scalar": query_scalar,
+            "sliding_window": window, "layer_types": types, **softcaps,
+            "rope_theta": float(global_base), "rope_local_base_freq": float(local_base), "rope_scaling": scaling,
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": float(local_base)}},
+        }
+    if float(global_scale) != 1.0:
+        raise refuse("global_scale_factor", global_scale, "Hugging Face Gemma 1 / 2 have no rope scaling")
+    if "sliding_attention" in types and "full_attention" in types and float(local_base) != float(global_base):
+        raise refuse("local_base_frequency", local_base, f"differs from global_base_frequency={global_base}: Hugging "
+                     "Face Gemma 1 / 2 rotate every layer with one rope_theta")
+    theta = float(global_base if "full_attention" in types else local_base)
+    if not post_attn:
+        for field, value in (("final_logit_softcap", final_softcap), ("attn_logits_soft_cap", attn_softcap)):
+            if value is not None:
+                raise refuse(field, value, "Hugging Face Gemma 1 has no soft-capping")
+        if window is not None:
+            raise refuse("attention_types", "LOCAL_SLIDING", "Hugging Face Gemma 1 has no sliding-window layers")
+        if query_scalar != c.head_dim:
+            raise refuse("query_pre_attn_norm", query_scalar, "Hugging Face Gemma 1 scales queries by head_dim^-1/2")
+        return {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", **common,
+                "max_position_embeddings": 8192, **_rope(theta)}
+    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **common,
+            "max_position_embeddings": 8192, "query_pre_attn_scalar": query_scalar, "sliding_window": window,
+            "layer_types": types, **softcaps, **_rope(theta)}
+
+
+def _query_scalar(value: Any, c: Any) -> float | None:
+    """``query_pre_attn_scalar`` of a ``QueryPreAttentionNormalisation`` (None: not expressible)."""
+    name = getattr(value, "name", str(value))
+    if name == "BY_ONE_OVER_SQRT_HEAD_DIM":
+        return c.head_dim
+    if name == "BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS":
+        return c.embed_dim // c.num_heads
+    return None
+
+
+def tunix_hf_config(model_or_config: Any) -> dict:
+    """The transformers ``config.json`` dict of a tunix model (or its ``ModelConfig``): the
+    Hugging Face model that computes what the tunix forward computes.
+
+    Llama 3 -> ``llama`` (``LlamaForCausalLM``), Qwen 2 -> ``qwen2``, Qwen 3 -> ``qwen3``, Gemma 3
+    (text) -> ``gemma3_text`` (``Gemma3ForCausalLM``), tunix ``gemma`` -> ``gemma`` (Gemma 1) or
+    ``gemma2`` (post-attention / post-FFW norms). Rope settings are written in transformers 5's
+    ``rope_parameters`` and transformers 4's ``rope_theta`` (``rope_local_base_freq``,
+    ``rope_scaling``) spellings alike. ``max_position_embeddings`` (not used by the computation)
+    is the family's released value; token ids and the tokenizer come only with ``source``.
+
+    Raises:
+      ValueError: a config that no Hugging Face class of lrtt.models computes (Qwen 3 MoE, a
+        multimodal Gemma 3, Gemma's local rope scaling, ...): the message names the field.
+    """
+    family, c, module = _tunix_config(model_or_config)
+
+    def refuse(field, value, why):
+        return ValueError(f"tunix {family} ModelConfig.{field}={value!r}: {why}. Not written; instead, "
+                          + ALTERNATIVES + ".")
+
+    if family in ("llama3", "qwen2", "qwen3"):
+        if family == "qwen3" and getattr(c, "num_experts", None):
+            raise refuse("num_experts", c.num_experts, "Qwen 3 mixture-of-experts has no lrtt.models decoder "
+                         "(qwen3_moe)")
+        theta = _forward_rope_theta(family, module, c)
+        tie = bool(c.weight_tying if family == "llama3" else c.use_tied_embedding)
+        model_type = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[family]
+        arch = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+        out = {
+            "architectures": [arch], "model_type": model_type, "vocab_size": c.vocab_size,
+            "hidden_size": c.embed_dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.num_layers,
+            "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": float(c.norm_eps), "tie_word_embeddings": tie,
+            "max_position_embeddings": {"llama3": 131072, "qwen2": 32768, "qwen3": 40960}[family],
+            "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True, **_rope(theta),
+        }
+        if family == "qwen2":
+            out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
+        else:
+            out.update(attention_bias=False)
+            if family == "llama3":
+                out.update(mlp_bias=False, pretraining_tp=1)
+            else:
+                out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
+        return out
+    if family == "gemma3":
+        if c.vision_config is not None:
+            raise refuse("vision_config", type(c.vision_config).__name__, "multimodal Gemma 3 "
+                         "(Gemma3ForConditionalGeneration) is not an lrtt.models family; build the text-only model "
+                         "(text_only=True) for the language model's weights")
+        pattern = module.GEMMA3_ATTENTION_PATTERN
+        kinds = [pattern[i % len(pattern)] for i in range(c.num_layers)]
+        return _gemma_like(
+            refuse, c, types=_layer_types(kinds, module.AttentionType), qk_norm=True, post_attn=True, post_ffw=True,
+            attn_softcap=None, final_softcap=None, query_scalar=_query_scalar(c.query_pre_attn_norm, c),
+            local_base=c.local_base_frequency, global_base=c.global_base_frequency,
+            local_scale=c.local_scale_factor, global_scale=c.global_scale_factor)
+    # tunix.models.gemma: Gemma 1 (no post norms) or Gemma 2; rope 1e4 and queries by head_dim^-1/2 fixed
+    types = _layer_types(list(c.attention_types)[: c.num_layers], module.AttentionType)
+    if len(types) != c.num_layers:
+        raise refuse("attention_types", c.attention_types, f"{len(types)} entries for {c.num_layers} layers")
+    return _gemma_like(
+        refuse, c, types=types, qk_norm=False, post_attn=c.use_post_attn_norm, post_ffw=c.use_post_ffw_norm,
+        attn_softcap=c.attn_logits_soft_cap, final_softcap=c.final_logit_softcap, query_scalar=c.head_dim,
+        local_base=10000.0, global_base=10000.0, local_scale=1.0, global_scale=1.0)
+
+
+def gemma_hf_config(model_or_config: Any) -> dict:
+    """The transformers ``config.json`` dict of the gemma package's ``gm.nn.Transformer`` (or its
+    ``gm.nn.config.TransformerConfig``): ``gemma3_text`` (``Gemma3ForCausalLM``) with q/k norms,
+    ``gemma2`` with post-attention / post-FFW norms, else ``gemma``; layer types, windows, rope
+    bases and scaling, soft-capping and the query scale read off the config.
+
+    Raises:
+      ValueError: a vision encoder (multimodal Gemma 3), ``BY_EMBED_DIM_DIV_NUM_HEADS`` query
+        scaling, local rope scaling, or another option no Hugging Face Gemma computes.
+    """
+    c = _gemma_config(model_or_config)
+
+    def refuse(field, value, why):
+        return ValueError(f"gemma TransformerConfig.{field}={value!r}: {why}. Not written; instead, "
+                          + GEMMA_ALTERNATIVES + ".")
+
+    if c.vision_encoder is not None:
+        raise refuse("vision_encoder", type(c.vision_encoder).__name__, "multimodal Gemma 3 is not an lrtt.models "
+                     "family; save the text model (vision_encoder=None) for the language model's weights")
+    from gemma.gm.nn import _modules
+
+    return _gemma_like(
+        refuse, c, types=_layer_types(list(c.attention_types), _modules.AttentionType), qk_norm=c.use_qk_norm,
+        post_attn=c.use_post_attn_norm, post_ffw=c.use_post_ffw_norm, attn_softcap=c.attn_logits_soft_cap,
+        final_softcap=c.final_logit_softcap, query_scalar=_query_scalar(c.query_pre_attn_norm, c),
+        local_base=c.local_base_frequency, global_base=c.global_base_frequency,
+        local_scale=c.local_scale_factor, global_scale=c.global_scale_factor)
+
+
+def _layer_types(kinds: list, attention_type: Any) -> list[str]:
+    return ["sliding_attention" if k == attention_type.LOCAL_SLIDING else "full_attention" for k in kinds]
+
+
+# --- names and layouts ------------------------------------------------------------------------
+
+
+Getter = Callable[[], np.ndarray]
+
+
+def _host(leaves: dict, key: str) -> Getter:
+    return lambda: np.asarray(jax.device_get(leaves[key]))
+
+
+def _tunix_resolver(family: str, config: Any, model_type: str, leaves: dict):
+    """``resolve(name, torch_shape) -> (leaf path, getter)`` through tunix's own checkpoint map,
+    ``(permute, reshape)`` inverted."""
+    from tunix.utils import torch_utils
+
+    mapping = dict(importlib.import_module(_PARAMS_MODULE[family])._get_key_and_transform_mapping(config))
+    if model_type == "gemma":
+        # tunix's map is Gemma 2's: there `post_attention_layernorm` is the post-attention norm; in
+        # Hugging Face Gemma 1 it is the norm before the MLP, tunix's `pre_ffw_norm`.
+        mapping[r"model\.layers\.([0-9]+)\.post_attention_layernorm\.weight"] = (r"layers.\1.pre_ffw_norm.scale", None)
+
+    def resolve(name: str, torch_shape: tuple[int, ...]) -> tuple[str, Getter]:
+        try:
+            key, transform = torch_utils.torch_key_to_jax_key(mapping, name)
+        except ValueError:
+            raise ValueError(f"tunix's checkpoint map has no single entry for the Hugging Face tensor {name!r}: "
+                             "this tunix version names its params differently than lrtt expects.") from None
+        if key.startswith("tmp."):  # Gemma q/k/v before tunix's preprocess fuses them: (D, heads, H)
+            _, _, layer, _, slot = key.split(".")
+            prefix = f"layers/{layer}/attn/"
+            if prefix + "qkv_einsum/w" in leaves:
+                path, index = prefix + "qkv_einsum/w", "qkv".index(slot)
+            elif slot == "q":
+                path, index = prefix + "q_einsum/w", None
+            else:
+                path, index = prefix + "kv_einsum/w", "kv".index(slot)
+            fused = _host(leaves, path)
+
+            def get(fused=fused, index=index):
+                w = fused()
+                return (w if index is None else w[index]).transpose(1, 0, 2)  # (heads, D, H) -> (D, heads, H)
+        else:
+            path = key.replace(".", "/")
+            get = _host(leaves, path)
+
+        def inverse(get=get):
+            value = get()
+            if transform is not None:  # tunix: torch.transpose(permute).reshape(reshape)
+                permute, reshape = transform
+                middle = tuple(torch_shape[p] for p in permute) if permute else torch_shape
+                if reshape:
+                    value = value.reshape(middle)
+                if permute:
+                    value = value.transpose(np.argsort(permute))
+            return value
+
+        return path, inverse
+
+    return resolve
+
+
+_GEMMA_NORMS = {"input_layernorm": "pre_attention_norm", "pre_feedforward_layernorm": "pre_ffw_norm",
+                "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn/_query_norm",
+                "self_attn.k_norm": "attn/_key_norm"}
+
+
+def _gemma_resolver(config: Any, model_type: str, leaves: dict):
+    """``resolve(name, torch_shape) -> (leaf path, getter)`` of the gemma package's params
+    (transformers' Gemma checkpoint conversion, read backwards)."""
+
+    def resolve(name: str, torch_shape: tuple[int, ...]) -> tuple[str, Getter]:
+        if name == "model.embed_tokens.weight":
+            return "embedder/input_embedding", _host(leaves, "embedder/input_embedding")
+        if name == "model.norm.weight":
+            return "final_norm/scale", _host(leaves, "final_norm/scale")
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+        if match is None:
+            raise ValueError(f"no gemma-package leaf for the Hugging Face tensor {name!r}.")
+        layer, module = f"layer_{match.group(1)}/", match.group(2)
+        if module == "post_attention_layernorm":  # Gemma 1: the norm before the MLP
+            path = layer + ("pre_ffw_norm/scale" if model_type == "gemma" else "post_attention_norm/scale")
+            return path, _host(leaves, path)
+        if module in _GEMMA_NORMS:
+            path = layer + _GEMMA_NORMS[module] + "/scale"
+            return path, _host(leaves, path)
+        kind = module.rpartition(".")[2]
+        if kind in ("q_proj", "k_proj", "v_proj"):  # (heads, D, H) -> (heads·H, D)
+            if layer + "attn/qkv_einsum/w" in leaves:
+                path, index = layer + "attn/qkv_einsum/w", "qkv".index(kind[0])
+            elif kind == "q_proj":
+                path, index = layer + "attn/q_einsum/w", None
+            else:
+                path, index = layer + "attn/kv_einsum/w", "kv".index(kind[0])
+            fused = _host(leaves, path)
+
+            def get(fused=fused, index=index):
+                w = fused()
+                w = w if index is None else w[index]
+                return w.transpose(0, 2, 1).reshape(torch_shape)
+        elif kind == "o_proj":  # (N, H, D) -> (D, N·H)
+            path = layer + "attn/attn_vec_einsum/w"
+            get = lambda w=_host(leaves, path): w().reshape(torch_shape[::-1]).T  # noqa: E731
+        elif kind in ("gate_proj", "up_proj"):  # (2, F, D) (transpose_gating_einsum) or (2, D, F)
+            path, index = layer + "mlp/gating_einsum", int(kind == "up_proj")
+            transposed = bool(config.transpose_gating_einsum)
+            get = lambda w=_host(leaves, path), i=index, t=transposed: w()[i] if t else w()[i].T  # noqa: E731
+        elif kind == "down_proj":  # (F, D) -> (D, F)
+            path = layer + "mlp/linear"
+            get = lambda w=_host(leaves, path): w().T  # noqa: E731
+        else:
+            raise ValueError(f"no gemma-package leaf for the Hugging Face tensor {name!r}.")
+        return path, get
+
+    return resolve
+
+
+def _check_source(built: dict, raw: dict, what: str) -> None:
+    """A ``source`` config of another shape than the model's is an error; one that computes
+    differently (rope, windows, soft-capping, ...) a warning naming the fields."""
+    a, b = parse_config(built), parse_config(raw)
+    shape = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+             "intermediate_size", "tie_word_embeddings", "qkv_bias", "qk_norm", "sandwich_norms")
+    diff = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+            if f.name != "raw" and getattr(a, f.name) != getattr(b, f.name)}
+    wrong = {k: v for k, v in diff.items() if k in shape or k == "model_type"}
+    if wrong:
+        raise ValueError(f"`source`'s config.json is not the {what} model's: "
+                         + ", ".join(f"{k} {src!r} ({what}: {tx!r})" for k, (tx, src) in wrong.items())
+                         + ". Pass the checkpoint the model was loaded from, or source=None.")
+    if diff:
+        warnings.warn(
+            f"`source`'s config.json computes differently from the {what} forward in "
+            + ", ".join(f"{k} ({what}: {tx!r}, config.json: {src!r})" for k, (tx, src) in diff.items())
+            + ": the checkpoint written is the source's model with the params' weights. Pass source=None "
+            "for a config.json that computes what the JAX model computed.", stacklevel=4)
+
+
+# --- save -------------------------------------------------------------------------------------
+
+
+def _write(out_dir, what: str, built: dict, params: Any, make_resolver, source, max_shard_size) -> list[str]:
+    """Write the checkpoint: every tensor of the config's rules from the leaf ``resolve`` names."""
+    named = named_leaves(params)
+    quantized = sorted(p for p, v in named if is_quantized(v))
+    if quantized:
+        raise ValueError(f"the params are written as float tensors; {quantized[:3]} are quantized. Pass "
+                         "lrtt.merge(method, params, adapter, dtype=jnp.bfloat16) or lrtt.dequantize(params).")
+    leaves = dict(named)
+    raw = built
+    source_dir = pathlib.Path(source) if source is not None else None
+    if source_dir is not None:
+        file = source_dir / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"`source`={os.fspath(source_dir)!r} has no config.json: not a Hugging Face "
+                                    "checkpoint directory.")
+        raw = json.loads(file.read_text())
+        _check_source(built, raw, what)
+    if "embedder/input_embedding" not in leaves:
+        raise ValueError(f"the params hold no 'embedder/input_embedding' (found e.g. {sorted(leaves)[:4]}): pass the "
+                         f"{what} model's params (tunix: nnx.split(model, nnx.Param, ...)[1]; gemma: "
+                         "model.init(...)['params']).")
+    model = Model(parse_config(raw))
+    c = model.config
+    resolve = make_resolver(leaves, built["model_type"])
+    dtype = np.dtype(leaves["embedder/input_embedding"].dtype)
+    shapes = dict(_paths(model.param_shapes()))
+    used: set[str] = set()
+    tensors = []
+    for rule in _names.rules(c):
+        shape = shapes[rule.path].shape[1:] if rule.stacked else shapes[rule.path].shape
+        torch_shape = tuple(shape[::-1] if rule.transpose else shape)
+        for name in _names.tensor_names(rule, c.num_layers):
+            path, get = resolve(name, torch_shape)
+            if path not in leaves:
+                raise ValueError(f"the params have no {path!r}, which holds {name!r}: they are not a {what} model of "
+                                 "this config.")
+            used.add(path)
+
+            def produce(get=get, torch_shape=torch_shape, name=name, path=path):
+                value = get()
+                if tuple(value.shape) != torch_shape:
+                    raise ValueError(f"{path!r} gives {name!r} the shape {tuple(value.shape)}, the config.json "
+                                     f"written makes it {torch_shape}: the params do not belong to this config.")
+                return value.astype(dtype)
+
+            tensors.append((name, torch_shape, dtype, produce))
+    unused = sorted(set(leaves) - used)
+    if unused:
+        raise ValueError(
+            f"the params hold {len(unused)} leaf/leaves the Hugging Face checkpoint has no place for, e.g. "
+            f"{unused[:5]}. Unmerged LoRA params (tunix/qwix LoRAParam, gm.nn.LoRA)? Merge them first "
+            "(lrtt.merge(method, params, adapter)) and pass only the model's own params.")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_sharded(out, tensors, max_shard_size)
+    config_json = dict(raw)
+    for key in ("dtype", "torch_dtype"):
+        if key in config_json or key == "dtype":
+            config_json[key] = _TORCH_DTYPES.get(dtype.name, dtype.name)
+    (out / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    written.append("config.json")
+    if source_dir is not None and source_dir.resolve() != out.resolve():
+        for file in COPIED:
+            if (source_dir / file).is_file():
+                shutil.copyfile(source_dir / file, out / file)
+                written.append(file)
+    return written
+
+
+def save_tunix(out_dir: str | os.PathLike, model_or_config: Any, params: Any = None, *,
+               source: str | os.PathLike | None = None, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write a google-tunix NNX model's params as a Hugging Face checkpoint directory (no torch).
+
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` (transformers 5) and
+    :func:`lrtt.models.load` read it; tensors are written one at a time in the params' dtype
+    (the embedding's) into shards of at most ``max_shard_size``, named and laid out by tunix's
+    own checkpoint maps, inverted (see the module docstring).
+
+    Args:
+      out_dir: created if missing; the files written are overwritten.
+      model_or_config: the tunix model (``Llama3``, ``Qwen2``, ``Qwen3``, ``Gemma``, ``Gemma3``)
+        or its ``ModelConfig``.
+      params: its ``nnx.Param`` state (``nnx.split(model, nnx.Param, ...)[1]``) or the same as a
+        nested dict, merged: ``lrtt.merge(method, params, adapter)``. None: the model's own
+        ``nnx.state(model, nnx.Param)``.
+      source: the Hugging Face checkpoint directory the tunix model was loaded from: its
+        ``config.json`` is written (its ``dtype`` set to the params'; another shape is an error,
+        another computation a warning) and its tokenizer files and ``generation_config.json``
+        copied. None: ``config.json`` is :func:`tunix_hf_config`'s.
+      max_shard_size: bytes per file (``"5GB"``, ``"500MB"``, or an int).
+
+    Returns:
+      The files written.
+
+    Raises:
+      ValueError: not a tunix model of a supported family (a gemma-package or MaxText model: the
+        message names what to use), a config no Hugging Face class computes
+        (:func:`tunix_hf_config`), a ``source`` of another shape, quantized leaves, params of
+        other shapes than the config's, or leaves the checkpoint has no place for (unmerged LoRA
+        params, a vision tower, ...).
+    """
+    family, config, _ = _tunix_config(model_or_config)
+    _refuse_other_stacks(model_or_config, params, "tunix")
+    if params is None:
+        if config is model_or_config:
+            raise ValueError("pass `params` (the merged nnx.Param state) with a tunix ModelConfig.")
+        from flax import nnx
+
+        params = nnx.state(model_or_config, nnx.Param)
+    built = tunix_hf_config(config)
+    return _write(out_dir, f"tunix {family}", built, params,
+                  lambda leaves, model_type: _tunix_resolver(family, config, model_type, leaves),
+                  source, max_shard_size)
+
+
+def save_gemma(out_dir: str | os.PathLike, model_or_config: Any, params: Any, *,
+               source: str | os.PathLike | None = None, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write the gemma package's ``gm.nn.Transformer`` params as a Hugging Face checkpoint
+    directory (no torch): Gemma 1, 2 and 3 (text), as :func:`gemma_hf_config` says.
+
+    The same files, checks and arguments as :func:`save_tunix`; ``model_or_config`` is the
+    ``gm.nn.Transformer`` or its ``gm.nn.config.TransformerConfig``, ``params`` its (merged)
+    ``params`` (``model.init(...)['params']``).
+
+    Raises:
+      ValueError: not a gemma-package ``Transformer`` (a tunix or MaxText model: the message
+        names what to use), a config no Hugging Face Gemma computes (a vision encoder, ...), a
+        ``source`` of another shape, quantized leaves, params of other shapes than the config's,
+        or leaves the checkpoint has no place for (unmerged ``gm.nn.LoRA`` params, ...).
+    """
+    config = _gemma_config(model_or_config)
+    _refuse_other_stacks(model_or_config, params, "gemma")
+    built = gemma_hf_config(config)
+    return _write(out_dir, "gemma package", built, params,
+                  lambda leaves, model_type: _gemma_resolver(config, model_type, leaves), source, max_shard_size)
+
+
+def _paths(tree: Any) -> list[tuple[str, Any]]:
+    from lrtt.models._load import _paths as paths
+
+    return paths(tree)
