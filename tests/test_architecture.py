@@ -60,7 +60,7 @@ LAYERS = (
     {"_factored", "_count", "optim"},
     {"io", "train"},
     {"__init__"},
-    {"models"},
+    {"models", "data"},
     {"cli"},
 )
 
@@ -110,7 +110,7 @@ def test_the_application_uses_the_public_api():
     assert not bad, f"the CLI imports private library modules: {bad}"
 
 
-NAMESPACES = ("lrtt", "lrtt.io", "lrtt.methods", "lrtt.models", "lrtt.optim", "lrtt.train", "lrtt.tt")
+NAMESPACES = ("lrtt", "lrtt.data", "lrtt.io", "lrtt.methods", "lrtt.models", "lrtt.optim", "lrtt.train", "lrtt.tt")
 
 
 def test_public_namespaces_are_curated():

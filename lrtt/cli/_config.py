@@ -58,12 +58,24 @@ METHODS = ("full", "lora", "loretta_rep", "loretta_adp")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """BBC News, tokenized. ``max_len``: tokens per example (classification) or block (LM)."""
+    """The training data: BBC News (the default), or the user's files for a language model
+    (``train``: a path, directory or glob, or a list of them; lrtt.data reads them).
+    ``max_len``: tokens per example (classification), block (BBC LM) or row (files)."""
 
     max_len: int = 128
     seed: int = 0
-    train_limit: int | None = None  # use only the first N training examples / blocks
+    train_limit: int | None = None  # use only the first N training examples / blocks / rows
     eval_limit: int | None = None
+    train: str | list | None = None  # the user's files (JSONL, JSON, CSV, Parquet, text); None: BBC News
+    eval: str | list | None = None  # held-out files; else eval_fraction of `train`
+    eval_fraction: float | None = None  # default 0.05 when `train` is given without `eval`
+    format: str = "auto"  # auto | text | prompt_completion | chat
+    fields: dict | None = None  # field names, e.g. {prompt: question, completion: answer}
+    roles: dict | None = None  # other role names, e.g. {human: user, gpt: assistant}
+    on_bad_row: str = "error"  # error | skip
+    packing: bool = False  # several examples per row (segment ids; attention never crosses them)
+    train_on_prompt: bool = False  # the loss also counts prompt / user / system tokens
+    chat_template: bool = False  # render prompt/completion strings with the checkpoint's chat template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,6 +505,40 @@ def _section(name: str, raw: Any, cls, source: str):
     return cls(**values)
 
 
+DATA_FORMATS = ("auto", "text", "prompt_completion", "chat")
+
+
+def _check_data(data: DataConfig, model: Any, source: str) -> None:
+    """The user-file keys: choices, and only with a language model and ``data.train``."""
+    _check_choice(data.format, DATA_FORMATS, "data.format", source)
+    _check_choice(data.on_bad_row, ("error", "skip"), "data.on_bad_row", source)
+    for key in ("train", "eval"):
+        value = getattr(data, key)
+        if isinstance(value, list) and not (value and all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"{source}: `data.{key}` must be a path or glob, or a non-empty list of them, "
+                              f"got {show(value)}.")
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{source}: `data.{key}` must name files (a path, directory or glob), got {show(value)}.")
+    for key in ("fields", "roles"):
+        value = getattr(data, key)
+        if value is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{source}: `data.{key}` must map names to names, got {show(value)}.")
+    if data.eval_fraction is not None and not 0 < data.eval_fraction < 1:
+        raise ConfigError(f"{source}: `data.eval_fraction` must be in (0, 1), got {show(data.eval_fraction)}.")
+    user_keys = {"eval": None, "eval_fraction": None, "format": "auto", "fields": None, "roles": None,
+                 "on_bad_row": "error", "packing": False, "train_on_prompt": False, "chat_template": False}
+    given = [k for k, default in user_keys.items() if getattr(data, k) != default]
+    if data.train is None and given:
+        raise ConfigError(f"{source}: `data.{given[0]}` applies to the user's files; set `data.train` to them "
+                          "(a path, directory or glob), or remove it to train on BBC News.")
+    if data.train is not None:
+        if model == "minilm":
+            raise ConfigError(f"{source}: `data.train` (your files) trains a language model: use `model: smollm2` or "
+                              "`model: {path: DIR}`; MiniLM classifies BBC News only.")
+        if data.eval is not None and data.eval_fraction is not None:
+            raise ConfigError(f"{source}: give `data.eval` (held-out files) or `data.eval_fraction`, not both.")
+
+
 def _check_choice(value, allowed, key, source):
     if value not in allowed:
         raise ConfigError(
@@ -553,6 +599,7 @@ def parse(raw: Any, *, source: str = "config") -> RunConfig:
     _check_choice(sections["train"].forward, ("factored", "merged"), "train.forward", source)
     _check_choice(sections["train"].on_nonfinite, ("stop", "skip"), "train.on_nonfinite", source)
     _check_choice(sections["quantize"].qtype, ("none", "int8", "int4", "nf4"), "quantize.qtype", source)
+    _check_data(sections["data"], model, source)
     if not sections["output"].dir.strip():
         raise ConfigError(
             f"{source}: `output.dir` must name a directory, got {show(sections['output'].dir)}; "
@@ -626,6 +673,16 @@ FIXED: dict[str, str] = {  # key -> what a change would reinterpret: refused on 
     "data.max_len": "the examples (LM blocks) the saved data position counts",
     "data.seed": "the shuffled order the saved data position indexes",
     "data.train_limit": "the training examples the saved data position indexes",
+    "data.train": "the training examples the saved data position indexes",
+    "data.eval": "which examples are held out (with eval_fraction: which are trained on)",
+    "data.eval_fraction": "which examples are held out and which are trained on",
+    "data.format": "how the rows are read into examples",
+    "data.fields": "how the rows are read into examples",
+    "data.roles": "how the rows are read into examples",
+    "data.on_bad_row": "which rows are examples (skipped ones shift the data position)",
+    "data.packing": "the rows the saved data position counts",
+    "data.train_on_prompt": "the loss the adapter was trained on",
+    "data.chat_template": "the token sequences the adapter was trained on",
     "train.batch_size": "the examples a step takes, which the saved data position counts",
     "train.accumulate": "what one step (one update) is",
     "train.seed": "the adapter's initialization and the saved random state",

@@ -505,11 +505,18 @@ def _cli_advice(manager: Any):
         ) from None
 
 
-def evaluate(config: RunConfig, split: str = "test", restore: RestoreFrom = RestoreFrom()) -> dict:
+def evaluate(config: RunConfig, split: str = "test", restore: RestoreFrom = RestoreFrom(),
+             data: str | None = None) -> dict:
     """Metrics of the run's latest checkpoint (or the one ``restore`` names) on ``split``: for a
-    language model ``{"loss", "perplexity", "tokens"}`` (``tokens``: those the loss averages)."""
+    language model ``{"loss", "perplexity", "tokens"}`` (``tokens``: those the loss averages).
+    ``data``: a language model evaluated on these files instead (read and tokenized as the run's
+    ``data`` section says: format, fields, chat template, masks)."""
     method = build_method(config)
-    task = build_task(config)
+    if data is not None and config.model == "minilm":
+        raise ConfigError("--data evaluates a language model on your files; MiniLM classifies BBC News only.")
+    task = build_task(config, eval_files=data)
+    if data is not None:
+        split = "test"
     if split not in task.splits:
         raise ConfigError(f"`split` must be one of {sorted(task.splits)}, got {split!r}.")
     adapter = _restore_adapter(config, method, task, restore)

@@ -1,4 +1,4 @@
-"""The ``lrtt`` command: ``train``, ``eval``, ``export`` and ``count`` on a YAML config.
+"""The ``lrtt`` command: ``train``, ``eval``, ``export``, ``generate`` and ``count`` on a YAML config.
 
     lrtt train configs/minilm_bbc_loretta_rep.yaml --set train.steps=100
     lrtt train CONFIG --coordinator-address 10.0.0.2:8476 --num-processes 2 --process-id 0   # host 0 of 2
@@ -6,6 +6,8 @@
     lrtt export configs/minilm_bbc_loretta_rep.yaml --out merged/
     lrtt export my_llama.yaml --format peft --for vllm --out adapter/   # model: {path: DIR, dtype: bfloat16}
     lrtt count configs/smollm2_bbc_loretta_rep.yaml
+    lrtt generate my_chat.yaml --prompt "Which topic is this article about? ..." --json
+    lrtt eval my_chat.yaml --data held_out.jsonl
 
 Exit status: 0 done; 2 a config, setting or file that does not fit (nothing in the run changed);
 3 training diverged (the last good checkpoint and export are kept); 1 any other failure (the
@@ -66,6 +68,31 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--process-id", type=int, default=None, metavar="I", help="this process: 0 .. N-1")
     evaluate = restore_options(add("eval", "evaluate the run's latest checkpoint"))
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    evaluate.add_argument("--data", default=None, metavar="FILES",
+                          help="a language model: the loss and perplexity on these files (a path, directory or "
+                               "glob), read as the config's data section says")
+    generate = restore_options(add("generate", "complete prompts with the run's adapted model"))
+    what = generate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", default=None, metavar="TEXT", help="a prompt (repeatable)")
+    what.add_argument("--prompts", default=None, metavar="FILE",
+                      help="prompts from a file: text lines, or JSONL/JSON/CSV/Parquet rows with `prompt`, `text` "
+                           "or `messages` (a chat's last assistant turn, if any, is left out)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    generate.add_argument("--top-k", type=int, default=None, metavar="K")
+    generate.add_argument("--top-p", type=float, default=None, metavar="P")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="end a completion at this text (repeatable; EOS always ends it)")
+    generate.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
+                          help="apply the checkpoint's chat template to each prompt: auto (default) when the run "
+                               "trained on chat data (or prompt/completion with data.chat_template)")
+    generate.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (default 8)")
+    generate.add_argument("--merged", default=None, metavar="DIR",
+                          help="generate from this merged export (lrtt export --format hf) instead of the run's "
+                               "checkpoint (factored)")
+    generate.add_argument("--json", action="store_true",
+                          help="one JSON line per prompt: {prompt, completion, tokens}")
     export = restore_options(add("export", "write the merged params of the run's latest checkpoint"))
     export.add_argument("--out", default=None, help="directory (default: <output.dir>/merged); an existing one "
                         "must be an lrtt export of this run (or an empty directory)")
@@ -191,8 +218,12 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
 
             _cluster.join(args.coordinator_address, args.num_processes, args.process_id)
             _job.train(config, progress=not args.no_progress, restore=restore)
+        elif args.command == "generate":
+            from lrtt.cli import _generate
+
+            _generate.run(config, args, restore)
         elif args.command == "eval":
-            result = _job.evaluate(config, args.split, restore)
+            result = _job.evaluate(config, args.split, restore, data=args.data)
             if "perplexity" in result:  # a language model: one JSON line {"loss", "perplexity", "tokens"}
                 print(json.dumps(result))
             else:

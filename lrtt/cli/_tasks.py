@@ -28,6 +28,8 @@ class Task:
     loss: Callable
     metrics: Callable
     headline: str  # the metric reported at the end ("accuracy" | "perplexity")
+    source: str | None = None  # a language model's checkpoint directory (its tokenizer, chat template)
+    data_format: str | None = None  # the user's files' format (text | prompt_completion | chat), else None
 
 
 def _cross_entropy(logits, labels):
@@ -48,6 +50,83 @@ def _lm_loss(logits, batch):
 def _lm_metrics(logits, batch):
     losses = _token_losses(logits, batch)
     return {"loss": (losses.sum(), losses.size)}
+
+
+def _masked_lm_loss(logits, batch):
+    """Mean next-token loss over the tokens ``loss_mask`` counts, within each packed example."""
+    from lrtt.data import masked_lm_loss
+
+    total, count = masked_lm_loss(logits, batch)
+    return total / jnp.maximum(count, 1)
+
+
+def _masked_lm_metrics(logits, batch):
+    from lrtt.data import masked_lm_loss
+
+    return {"loss": masked_lm_loss(logits, batch)}
+
+
+DEFAULT_EVAL_FRACTION = 0.05
+
+
+def file_splits(config: RunConfig, directory: str, *, eval_files: Any = None) -> tuple[dict, str, int]:
+    """``({"train", "validation", "test"}: rows, format, largest token id)`` of the user's files: read and
+    tokenized by :mod:`lrtt.data` with the checkpoint's own tokenizer (``AutoTokenizer`` of
+    ``directory``: its chat template, BOS/EOS), padded or packed into ``data.max_len`` rows
+    (``input_ids``, ``loss_mask``, ``segment_ids``, ``positions``), held in memory. ``validation``
+    and ``test`` are the same held-out rows (``data.eval`` files, or ``data.eval_fraction`` of
+    ``data.train``; ``eval_files`` replaces them, for ``lrtt eval --data``). What was read — the
+    format chosen, bad rows skipped, examples truncated — is printed to stderr.
+
+    Raises:
+      ConfigError: no file matched, a bad row (with ``on_bad_row: error``), no tokenizer.
+    """
+    import sys
+
+    import lrtt.data
+    from transformers import AutoTokenizer
+
+    d = config.data
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"the tokenizer of {directory!r} could not be loaded ({err}); `data.train` is tokenized "
+                          "with the checkpoint's own tokenizer files (tokenizer.json, tokenizer_config.json).") from None
+    if eval_files is not None:  # only these files, as the held-out rows
+        train_files, held_out, fraction = eval_files, None, None
+    else:
+        train_files, held_out = d.train, d.eval
+        fraction = None if held_out is not None else (d.eval_fraction or DEFAULT_EVAL_FRACTION)
+    try:
+        parts = lrtt.data.load(train_files, tokenizer, max_len=d.max_len, eval=held_out, eval_fraction=fraction or 0.0,
+                               seed=d.seed, format=d.format, fields=d.fields, roles=d.roles,
+                               on_bad_row=d.on_bad_row, train_on_prompt=d.train_on_prompt,
+                               use_chat_template=d.chat_template)
+        rows = {}
+        for name, part in parts.items():
+            make = lrtt.data.packed_rows if d.packing else lrtt.data.padded_rows
+            limit = d.train_limit if name == "train" else d.eval_limit
+            arrays = []
+            for row in make(part, d.max_len, part.pad_id):
+                arrays.append(row)
+                if limit is not None and len(arrays) == limit:
+                    break
+            if not arrays:
+                raise ConfigError(f"`data.{'train' if name == 'train' else 'eval'}` gave no examples "
+                                  f"({part.stats.summary()}).")
+            rows[name if eval_files is None else "eval"] = {k: np.stack([r[k] for r in arrays]) for k in lrtt.data.ROW_KEYS}
+            if eval_files is not None:
+                name = "eval"
+            held = "" if name == "train" else (f" (held out: {fraction:g} of data.train)" if fraction else " (held out)")
+            print(f"data {name}{held}: {part.stats.summary()}; {len(arrays):,} rows of {d.max_len} tokens"
+                  f"{' (packed)' if d.packing else ''}", file=sys.stderr)
+        print(f"data: {parts['train'].format_note}", file=sys.stderr)
+        rows.setdefault("train", rows["eval"])
+    except (ValueError, FileNotFoundError) as err:  # lrtt.data.BadRowError is a ValueError
+        raise ConfigError(f"data: {err}") from None
+    too_large = int(max(int(r["input_ids"].max(initial=0)) for r in rows.values()))
+    splits = {"train": rows["train"], "validation": rows["eval"], "test": rows["eval"]}
+    return splits, parts["train"].format, too_large
 
 
 def check_positions(config: RunConfig, positions: int, name: str) -> None:
@@ -107,61 +186,89 @@ def checkpoint_tokenizer(directory: str):
     return Tokenizer.from_file(str(file))
 
 
-def lm_task(config: RunConfig) -> Task:
-    """A causal LM loaded with :func:`lrtt.models.load` — a transformers checkpoint directory
-    (``model: {path: DIR, dtype: ...}``) or the bundled SmolLM2-135M-Instruct (``model: smollm2``,
-    its GGUF converted once into a checkpoint directory, float32) — with next-token loss on BBC
-    News text blocks of ``max_len`` tokens, tokenized by the checkpoint's ``tokenizer.json``."""
+def load_lm(config: RunConfig, directory: str | None = None) -> tuple[str, Any, Any, Any]:
+    """``(checkpoint directory, tokenizers.Tokenizer, lrtt.models.Model, params)`` of a
+    language-model config (``model: smollm2``, or ``{path: DIR, dtype: ...}``; ``directory``
+    instead: a merged export of the run). Nothing is quantized here."""
     import lrtt.models
-    from lrtt.cli._data import bbc_news, lm_blocks
 
-    if config.checkpoint is None:
+    dtype = "float32" if config.checkpoint is None else config.model["dtype"]
+    if directory is None and config.checkpoint is None:
         from lrtt.cli.zoo import smollm2_checkpoint
 
-        directory, dtype = str(smollm2_checkpoint()), "float32"
-    else:
-        directory, dtype = config.model["path"], config.model["dtype"]
+        directory = str(smollm2_checkpoint())
+    elif directory is None:
+        directory = config.model["path"]
     tokenizer = checkpoint_tokenizer(directory)  # before the weights: a missing tokenizer fails at once
     try:
         model, params = lrtt.models.load(directory, dtype=dtype)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"`model.path` {str(directory)!r}: {err}") from None
+    return directory, tokenizer, model, params
+
+
+def lm_task(config: RunConfig, eval_files: Any = None) -> Task:
+    """A causal LM loaded with :func:`lrtt.models.load` — a transformers checkpoint directory
+    (``model: {path: DIR, dtype: ...}``) or the bundled SmolLM2-135M-Instruct (``model: smollm2``,
+    its GGUF converted once into a checkpoint directory, float32) — with next-token loss on BBC
+    News text blocks of ``max_len`` tokens, tokenized by the checkpoint's ``tokenizer.json``, or
+    on the user's files (``data.train``; :func:`file_splits`): the loss over the tokens each
+    example's ``loss_mask`` counts (the completion / assistant turns by default)."""
+    from lrtt.cli._data import bbc_news, lm_blocks
+
+    directory, tokenizer, model, params = load_lm(config)
     raw_config = model.config.raw
     positions = raw_config.get("max_position_embeddings", raw_config.get("n_positions"))
     if isinstance(positions, int):
         check_positions(config, positions, str(directory))
-    eos = raw_config.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    raw = bbc_news(seed=config.data.seed)
-    splits = {}
-    for name, examples in raw.items():
-        blocks = lm_blocks(tokenizer, [text for text, _ in examples], config.data.max_len,
-                           eos_id=eos if isinstance(eos, int) else None)
-        limit = config.data.train_limit if name == "train" else config.data.eval_limit
-        splits[name] = {"input_ids": blocks if limit is None else blocks[:limit]}
-    too_large = int(max(int(b["input_ids"].max(initial=0)) for b in splits.values()))
+    if config.data.train is not None or eval_files is not None:
+        splits, data_format, too_large = file_splits(config, directory, eval_files=eval_files)
+    else:
+        eos = raw_config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        raw = bbc_news(seed=config.data.seed)
+        splits, data_format = {}, None
+        for name, examples in raw.items():
+            blocks = lm_blocks(tokenizer, [text for text, _ in examples], config.data.max_len,
+                               eos_id=eos if isinstance(eos, int) else None)
+            limit = config.data.train_limit if name == "train" else config.data.eval_limit
+            splits[name] = {"input_ids": blocks if limit is None else blocks[:limit]}
+        too_large = int(max(int(b["input_ids"].max(initial=0)) for b in splits.values()))
     if too_large >= model.config.vocab_size:
-        raise ConfigError(f"`model.path` {str(directory)!r}: its tokenizer.json gives token id {too_large}, past the "
+        raise ConfigError(f"`model.path` {str(directory)!r}: its tokenizer gives token id {too_large}, past the "
                           f"model's vocab_size {model.config.vocab_size}: the tokenizer is not the model's.")
 
-    def apply(params, batch, rng):
+    if data_format is None:
+        def apply(params, batch, rng):
+            del rng
+            return model(params, batch["input_ids"])
+
+        return Task("lm", model, params, splits, apply, _lm_loss, _lm_metrics, "perplexity", str(directory))
+
+    def apply_rows(params, batch, rng):  # padded or packed rows: attention within each example
         del rng
-        return model(params, batch["input_ids"])
+        return model(params, batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
 
-    return Task("lm", model, params, splits, apply, _lm_loss, _lm_metrics, "perplexity")
+    return Task("lm", model, params, splits, apply_rows, _masked_lm_loss, _masked_lm_metrics, "perplexity",
+                str(directory), data_format)
 
 
-def build_task(config: RunConfig) -> Task:
+def build_task(config: RunConfig, eval_files: Any = None) -> Task:
     """The task of ``config``; with ``quantize.qtype`` set, its frozen base quantized (every
-    linear kernel but the head, :func:`lrtt.quantize`)."""
-    task = classification_task(config) if config.model == "minilm" else lm_task(config)
-    if config.quantize.qtype != "none":
-        import lrtt
+    linear kernel but the head, :func:`lrtt.quantize`). ``eval_files``: a language model's
+    held-out rows read from these files instead (``lrtt eval --data``)."""
+    task = classification_task(config) if config.model == "minilm" else lm_task(config, eval_files)
+    return dataclasses.replace(task, params=quantized_base(config, task.params))
 
-        params = lrtt.quantize(task.params, "all-linear", qtype=config.quantize.qtype,
-                               block_size=config.quantize.block_size)
-        task = dataclasses.replace(task, params=params)
-    return task
+
+def quantized_base(config: RunConfig, params: Any) -> Any:
+    """``params`` as the run trains over them: with ``quantize.qtype`` set, every linear kernel
+    but the head quantized (:func:`lrtt.quantize`), else as they are."""
+    if config.quantize.qtype == "none":
+        return params
+    import lrtt
+
+    return lrtt.quantize(params, "all-linear", qtype=config.quantize.qtype, block_size=config.quantize.block_size)
 
 
 def summarize(sums: dict[str, tuple[float, int]]) -> dict[str, float]:

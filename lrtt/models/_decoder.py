@@ -151,9 +151,15 @@ def _rotate(x, positions, freq):
     return x * jnp.cos(emb) + rotated * jnp.sin(emb)
 
 
-def _attention(c: DecoderConfig, p, h, positions, q_slots, freq, window, kv):
-    """Self-attention of ``h: (B, S, D)``; ``kv``: None (keys are this call's tokens) or the
-    layer's cache ``(k, v, end)`` with ``(B, T, kv_heads, head_dim)`` buffers, written at ``end``."""
+def _attention(c: DecoderConfig, p, h, positions, freq, window, mask, kv_positions, kv):
+    """Self-attention of ``h: (B, S, D)``.
+
+    ``mask: bool (B, S, T)`` is what the window does not decide (causal by slot, same segment);
+    ``kv_positions: (B, T)`` the keys' positions, so that key ``t`` is seen by query ``s`` iff
+    ``mask[b, s, t] and positions[b, s] - kv_positions[b, t] < window``. ``kv``: None (the keys
+    are this call's tokens, ``T = S``) or the layer's cache ``(k, v, end)``,
+    ``(B, T, kv_heads, head_dim)`` buffers into which this call's keys are written at ``end``.
+    """
     B, S, _ = h.shape
     H, K, hd = c.num_heads, c.num_kv_heads, c.head_dim
     q = _linear(h, p["q_proj"]).reshape(B, S, H, hd)
@@ -163,7 +169,6 @@ def _attention(c: DecoderConfig, p, h, positions, q_slots, freq, window, kv):
         q, k = _norm(c, q, p["q_norm"]), _norm(c, k, p["k_norm"])
     if c.max_positions is None:
         q, k = _rotate(q, positions, freq), _rotate(k, positions, freq)
-    k_slots = q_slots
     new_kv = None
     if kv is not None:
         cache_k, cache_v, end = kv
@@ -171,21 +176,19 @@ def _attention(c: DecoderConfig, p, h, positions, q_slots, freq, window, kv):
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, end, 0, 0))
         new_kv = (cache_k, cache_v)
         k, v = cache_k.astype(jnp.float32), cache_v.astype(jnp.float32)
-        k_slots = jnp.arange(k.shape[1])
     q = q.reshape(B, S, K, H // K, hd)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * c.query_scale
     if c.attn_softcap:
         scores = jnp.tanh(scores / c.attn_softcap) * c.attn_softcap
-    distance = q_slots[:, None] - k_slots[None, :]  # (S, T)
-    visible = (distance >= 0) & (distance < window)
-    scores = jnp.where(visible, scores, _NEG)
+    visible = mask & (positions[:, :, None] - kv_positions[:, None, :] < window)  # (B, S, T)
+    scores = jnp.where(visible[:, None, None], scores, _NEG)  # finite: a row masked whole stays finite
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H * hd)
     return _linear(out, p["o_proj"]), new_kv
 
 
-def _layer(c: DecoderConfig, x, p, positions, q_slots, freq, window, kv):
-    h, new_kv = _attention(c, p["attn"], _norm(c, x, p["attn_norm"]), positions, q_slots, freq, window, kv)
+def _layer(c: DecoderConfig, x, p, positions, freq, window, mask, kv_positions, kv):
+    h, new_kv = _attention(c, p["attn"], _norm(c, x, p["attn_norm"]), positions, freq, window, mask, kv_positions, kv)
     if c.sandwich_norms:
         h = _norm(c, h, p["post_attn_norm"])
     x = x + h
@@ -199,32 +202,98 @@ def _layer(c: DecoderConfig, x, p, positions, q_slots, freq, window, kv):
 
 
 def init_cache(c: DecoderConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:
-    """An empty KV cache: ``k``, ``v``: ``(layers, batch, max_len, kv_heads, head_dim)``, ``end``: 0."""
+    """An empty KV cache of ``batch`` rows of ``max_len`` slots::
+
+        k, v          (layers, batch, max_len, kv_heads, head_dim)  dtype
+        segment_ids   (batch, max_len) int32   the segment id of each written slot; 0: empty / padding
+        positions     (batch, max_len) int32   the position each slot was written with
+        end           () int32                 the next slot to write (shared by the rows)
+    """
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"init_cache(batch={batch}, max_len={max_len}): both must be >= 1.")
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "end": jnp.zeros((), jnp.int32)}
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "positions": jnp.zeros((batch, max_len), jnp.int32),
+            "end": jnp.zeros((), jnp.int32)}
+
+
+_CACHE_KEYS = ("k", "v", "segment_ids", "positions", "end")
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where the segment id changes along a row: for packed rows
+    ``[[1, 1, 1, 2, 2, 0, 0]]`` -> ``[[0, 1, 2, 0, 1, 0, 1]]`` (``(batch, seq)`` int32)."""
+    segment_ids = jnp.asarray(segment_ids)
+    S = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), segment_ids.shape)
+    boundary = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    start = jax.lax.cummax(jnp.where(boundary, index, 0), axis=1)
+    return index - start
 
 
 def forward(c: DecoderConfig, params: dict, tokens: jax.Array, cache: dict | None = None,
-            positions: jax.Array | None = None, remat: bool = True):
+            positions: jax.Array | None = None, remat: bool = True, segment_ids: jax.Array | None = None):
     """Logits ``(batch, seq, vocab)`` float32 of ``tokens: (batch, seq)``; with ``cache``,
-    ``(logits, cache)`` where the tokens are written at ``cache["end"]`` and attend to the cache.
+    ``(logits, cache)`` where the tokens are written at slots ``cache["end"] + arange(seq)`` of
+    every row and attend to the cache.
 
-    ``positions`` (default: ``cache["end"] + arange(seq)``, or ``arange(seq)``) feed the rotary
-    embedding / GPT-2's position table; the causal and sliding-window masks go by cache slot.
+    Query ``i`` sees key ``j`` (slots; with a cache, ``j`` ranges over the cache's slots) iff
+
+    .. math:: j \\le i \\;\\wedge\\; \\mathrm{seg}_j = \\mathrm{seg}_i \\;\\wedge\\; \\mathrm{pos}_i - \\mathrm{pos}_j < w_\\ell
+
+    (causal by slot, within the segment, the sliding window ``w_ℓ`` of layer ℓ by position; a
+    global layer has ``w = ∞``). A query that sees no key (never the case for a real token, which
+    sees itself) gets finite garbage, not NaN.
+
+    Args:
+      segment_ids: ``int32 (batch, seq)``; default all 1. Without a cache: several examples packed
+        in a row (ids ``1, 2, ...``, 0 for padding), each attending only within itself, so a packed
+        row gives each example's logits alone. With a cache: 0 marks padding (left-padded prompts of
+        different lengths), other ids are stored per slot and matched, so each row is its prompt alone.
+      positions: ``int32 (batch, seq)`` for the rotary embedding / GPT-2's position table. Default
+        without a cache: ``arange(seq)``, or restarting at 0 at each change of ``segment_ids``
+        (:func:`segment_positions`); with a cache: per row, continuing from the last written
+        position, counting only non-padding tokens (``next + cumsum(seg != 0) - (seg != 0)``), so
+        left padding is skipped.
     """
     tokens = jnp.asarray(tokens)
     B, S = tokens.shape
-    start = cache["end"] if cache is not None else 0
-    q_slots = start + jnp.arange(S)
-    if positions is None:
-        positions = jnp.broadcast_to(q_slots, (B, S))
+    if cache is not None and any(key not in cache for key in _CACHE_KEYS):
+        raise ValueError(f"cache has keys {sorted(cache)}, expected {sorted(_CACHE_KEYS)}: make it with "
+                         "model.init_cache(batch, max_len) (caches of older lrtt versions lack segment_ids / positions).")
+    explicit_segments = segment_ids is not None
+    segment_ids = jnp.ones((B, S), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    if segment_ids.shape != (B, S):
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}, tokens {(B, S)}: give one id per token.")
+    if positions is not None:
+        positions = jnp.asarray(positions, jnp.int32)
+        positions = jnp.broadcast_to(positions, (B, S)) if positions.ndim == 1 else positions
+        if positions.shape != (B, S):
+            raise ValueError(f"positions has shape {positions.shape}, tokens {(B, S)}: give one position per token.")
+    if cache is None:
+        start = 0
+        if positions is None:
+            positions = segment_positions(segment_ids) if explicit_segments else jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        kv_positions, kv_segments = positions, segment_ids
+        mask = jnp.tril(jnp.ones((S, S), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+        start = cache["end"]
+        if positions is None:
+            valid = (segment_ids != 0).astype(jnp.int32)
+            following = jnp.max(jnp.where(cache["segment_ids"] != 0, cache["positions"] + 1, 0), axis=1)
+            positions = following[:, None] + jnp.cumsum(valid, axis=1) - valid
+        kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, start))
+        kv_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, start))
+        T = kv_segments.shape[1]
+        causal = jnp.arange(T)[None, :] <= (start + jnp.arange(S))[:, None]  # (S, T)
+        mask = causal[None] & (segment_ids[:, :, None] == kv_segments[:, None, :])
     embedding = params["embed"]["embedding"]
     x = jnp.take(embedding, tokens, axis=0)
     if c.embed_scale:  # transformers scales in the embedding's dtype
         x = x * jnp.asarray(math.sqrt(c.hidden_size), dtype=x.dtype)
     x = x.astype(jnp.float32)
-    if c.max_positions:
-        x = x + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(jnp.float32)
+    if c.max_positions:  # padding may sit past the table: clip (its output is never used) instead of NaN
+        x = x + jnp.take(params["pos_embed"]["embedding"], positions, axis=0, mode="clip").astype(jnp.float32)
     freqs = jnp.asarray(np.stack([inv_freq(r, c.head_dim) for r in c.layer_rope]))
     windows = jnp.asarray([w if w else np.iinfo(np.int32).max for w in c.layer_window], jnp.int32)
 
@@ -232,7 +301,7 @@ def forward(c: DecoderConfig, params: dict, tokens: jax.Array, cache: dict | Non
         p, freq, window, kv = xs
         if kv is not None:
             kv = (*kv, start)
-        x, new_kv = _layer(c, x, p, positions, q_slots, freq, window, kv)
+        x, new_kv = _layer(c, x, p, positions, freq, window, mask, kv_positions, kv)
         return x, new_kv
 
     if remat:
@@ -248,4 +317,5 @@ def forward(c: DecoderConfig, params: dict, tokens: jax.Array, cache: dict | Non
         logits = jnp.tanh(logits / c.final_softcap) * c.final_softcap
     if cache is None:
         return logits
-    return logits, {"k": new_kv[0], "v": new_kv[1], "end": start + S}
+    return logits, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_segments, "positions": kv_positions,
+                    "end": start + S}

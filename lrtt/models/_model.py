@@ -47,13 +47,22 @@ class Model:
                 config = json.load(f)
         return cls(parse_config(config), **kwargs)
 
-    def __call__(self, params: Any, tokens: jax.Array, cache: dict | None = None, positions: jax.Array | None = None):
+    def __call__(self, params: Any, tokens: jax.Array, cache: dict | None = None, positions: jax.Array | None = None,
+                 *, segment_ids: jax.Array | None = None):
         """``tokens: int32 (batch, seq)`` -> logits ``float32 (batch, seq, vocab)``; with ``cache``
-        (from :meth:`init_cache`) -> ``(logits, cache)``, the tokens appended to the cache."""
-        return _forward(self.config, params, tokens, cache, positions, self.remat)
+        (from :meth:`init_cache`) -> ``(logits, cache)``, the tokens appended to the cache.
+
+        ``segment_ids: int32 (batch, seq)``: without a cache, examples packed in one row (each
+        attends only to itself; 0 = padding; positions restart per segment unless given); with a
+        cache, 0 marks padding (left-padded prompts of different lengths in one batch). See
+        :func:`lrtt.models._decoder.forward` for the mask and the default ``positions``.
+        """
+        return _forward(self.config, params, tokens, cache, positions, self.remat, segment_ids)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:
-        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens: ``k``, ``v``
+        ``(layers, batch, max_len, kv_heads, head_dim)``, per-slot ``segment_ids`` and ``positions``
+        ``(batch, max_len)``, and the next slot ``end``."""
         return _decoder.init_cache(self.config, batch, max_len, dtype)
 
     def param_shapes(self, dtype: Any = jnp.float32) -> dict:
