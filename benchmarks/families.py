@@ -36,7 +36,7 @@ def main() -> None:
 
     import lrtt
     import lrtt.models
-    from _model_configs import CONFIGS
+    from _model_configs import CONFIGS, random_hf_model
 
     tokens = np.random.default_rng(0).integers(0, 128, (2, 12)).astype(np.int32)
 
@@ -50,13 +50,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in sorted(CONFIGS):
         with tempfile.TemporaryDirectory() as tmp:
-            config = transformers.AutoConfig.for_model(**CONFIGS[name])
-            torch.manual_seed(0)
-            hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-            with torch.no_grad():
-                for p in hf.parameters():
-                    if p.ndim == 1:
-                        p.add_(0.1 * torch.randn_like(p))
+            hf = random_hf_model(name)
             hf.save_pretrained(f"{tmp}/src")
             model, params = lrtt.models.load(f"{tmp}/src")
             x = jnp.asarray(tokens)

@@ -27,3 +27,20 @@ CONFIGS = {
                  n_positions=64, activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0),
 }
 """Sequences longer than 4 tokens exercise the sliding windows (Mistral, Gemma 2, Gemma 3)."""
+
+
+def random_hf_model(name, dtype=None, **overrides):
+    """transformers' own model of ``CONFIGS[name]`` (with ``overrides``), seeded, every 1-D weight
+    (norms, biases) perturbed by ``0.1 * N(0, 1)`` so that Gemma's ``1 + w``, the biases and the q/k
+    norms matter; in ``dtype`` (a torch dtype) when given. Needs torch and transformers >= 5."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**dict(CONFIGS[name], **overrides))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model if dtype is None else model.to(dtype)

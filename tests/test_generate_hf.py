@@ -15,7 +15,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
                 "run it in .venv-hf5 (scripts/install_hf5.sh)", allow_module_level=True)
 
 import lrtt.models  # noqa: E402
-from _model_configs import CONFIGS  # noqa: E402
+from _model_configs import random_hf_model  # noqa: E402
 
 pytestmark = pytest.mark.torch
 PROMPTS = [[5, 17, 9, 40, 2, 33, 8, 91, 64], [7, 1, 30], [12, 99, 3, 45, 6, 70]]  # longer than the windows (4)
@@ -25,14 +25,7 @@ OVERRIDES = {"gpt2": {"initializer_range": 0.2}}  # at 0.02 random GPT-2 repeats
 
 def _hf_model(name):
     """transformers' model of the config dict, norms and biases perturbed (as in test_models_hf.py)."""
-    config = transformers.AutoConfig.for_model(**CONFIGS[name], **OVERRIDES.get(name, {}))
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return random_hf_model(name, **OVERRIDES.get(name, {}))
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2", "gemma3_text", "gpt2"])

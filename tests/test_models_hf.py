@@ -25,7 +25,7 @@ import optax  # noqa: E402
 
 import lrtt  # noqa: E402
 import lrtt.models  # noqa: E402
-from _model_configs import CONFIGS  # noqa: E402
+from _model_configs import CONFIGS, random_hf_model  # noqa: E402
 
 pytestmark = pytest.mark.torch
 FAMILIES = sorted(CONFIGS)
@@ -33,17 +33,7 @@ TOKENS = np.random.default_rng(0).integers(0, 128, (2, 12)).astype(np.int32)  # 
 
 
 def _hf_model(name, dtype=torch.float32, **overrides):
-    """transformers' own model of the config dict, norms and biases perturbed (so that Gemma's
-    ``1 + w``, biases and q/k norms matter), in ``dtype``."""
-    config = dict(CONFIGS[name], **overrides)
-    config = transformers.AutoConfig.for_model(**config)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.to(dtype)
+    return random_hf_model(name, dtype, **overrides)
 
 
 def _torch_logits(model):
