@@ -143,6 +143,7 @@ def test_a_damaged_step_raises_and_the_earlier_ones_restore(tmp_path, damage):
         mgr.restore(adapter_like=like)
     message = str(info.value)
     assert "checkpoint step 3" in message and "restore(step=2" in message, message
+    assert (info.value.step, info.value.earlier) == (3, (1, 2))  # what a caller reads, not the text
     if damage == "values":
         assert "changed since the save" in message  # caught by the fingerprints, not by Orbax
     assert mgr.all_steps() == [1, 2, 3]  # nothing deleted

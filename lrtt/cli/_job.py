@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -497,11 +496,10 @@ def _cli_advice(manager: Any):
         yield
     except lrtt.CheckpointCorruptError as err:
         steps = manager.all_steps()
-        damaged = [s for s in steps if re.search(rf"\bstep {s}\b", str(err))]
-        earlier = [s for s in steps if not damaged or s < damaged[0]]
-        way_out = f" or --restore-step {earlier[-1]} (committed steps: {steps})" if earlier else ""
+        way_out = f" or --restore-step {err.earlier[-1]} (committed steps: {steps})" if err.earlier else ""
         raise lrtt.CheckpointCorruptError(
-            f"{err}\nFrom the command line: add --fallback (the newest step that reads back whole){way_out}."
+            f"{err}\nFrom the command line: add --fallback (the newest step that reads back whole){way_out}.",
+            step=err.step, earlier=err.earlier,
         ) from None
 
 

@@ -85,7 +85,17 @@ class CheckpointMismatchError(ValueError):
 
 
 class CheckpointCorruptError(ValueError):
-    """A committed checkpoint step cannot be read back intact."""
+    """A committed checkpoint step cannot be read back intact.
+
+    Attributes:
+      step: the damaged step (None when the error does not name one).
+      earlier: the committed steps before it, oldest first (the candidates to restore instead).
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, earlier: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.step = step
+        self.earlier = tuple(earlier)
 
 
 class ForeignCheckpointError(ValueError):
@@ -979,7 +989,8 @@ class CheckpointManager:
         )
         return CheckpointCorruptError(
             f"checkpoint step {step} in {self.directory} is damaged and cannot be restored: {reason}\n"
-            f"Its files are left as they are; {hint}."
+            f"Its files are left as they are; {hint}.",
+            step=step, earlier=tuple(earlier),
         )
 
     def _meta(self, step: int) -> dict:
