@@ -17,6 +17,7 @@ from lrtt._adapter import (
     TTKernel as TTKernel,
     entries as entries,
 )
+from lrtt._combine import combine as combine
 from lrtt._count import (
     adapter_shapes as adapter_shapes,
     num_params as num_params,
@@ -33,6 +34,7 @@ from lrtt._factored import (
 )
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
 from lrtt._quant import dequantize as dequantize, load_quantized as load_quantized, quantize as quantize
+from lrtt._stack import AdapterStack as AdapterStack, member as member, set_member as set_member, stack as stack
 from lrtt._targets import TARGET_PRESETS as TARGET_PRESETS, Layout as Layout, select as select
 from lrtt.io import (
     CheckpointCorruptError as CheckpointCorruptError,
@@ -66,6 +68,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLeaf",
     "AdapterLeaf",
+    "AdapterStack",
     "BottleneckAdapter",
     "CheckpointCorruptError",
     "CheckpointDirectoryError",
@@ -95,6 +98,7 @@ __all__ = [
     "TTKernel",
     "Trainable",
     "adapter_shapes",
+    "combine",
     "delta",
     "dequantize",
     "discover",
@@ -106,6 +110,7 @@ __all__ = [
     "load_merged",
     "load_peft",
     "load_quantized",
+    "member",
     "merge",
     "methods",
     "num_params",
@@ -115,6 +120,8 @@ __all__ = [
     "quantize",
     "save_peft",
     "select",
+    "set_member",
+    "stack",
     "train",
     "tt",
     "unmerge",

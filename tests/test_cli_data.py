@@ -142,6 +142,45 @@ def test_generate_from_the_checkpoint_and_from_the_merged_export(run, checkpoint
     assert "top_k" in capsys.readouterr().err
 
 
+def test_generate_with_an_adapter_per_prompt(run, checkpoint, files, capsys):
+    """`lrtt generate --adapters a=DIR b=DIR --prompts FILE`: one batch, each prompt with the adapter
+    its row names (none: the base); equal to generating each prompt alone with its adapter merged."""
+    from transformers import AutoTokenizer
+
+    tmp, config = run
+    assert cli.main(["export", config, "--format", "peft", "--out", str(tmp / "peft-a")]) == 0
+    model, params = lrtt.models.load(checkpoint)
+    other = lrtt.LoRA(rank=2, alpha=8, targets="all-linear")  # another rank and scale: padded, folded
+    adapter_b = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(7), x.shape),
+                             other.init(jax.random.key(1), params))
+    lrtt.save_peft(tmp / "peft-b", other, adapter_b, params)
+    rows = [("what is the topic of sport article one", "a"), ("hello who are you", "b"),
+            ("what is the topic of tech article two", None), ("who are you", "b")]
+    prompts = tmp / "per-adapter.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, **({"adapter": n} if n else {})}) + "\n" for p, n in rows))
+    capsys.readouterr()
+    assert cli.main(["generate", config, "--adapters", f"a={tmp / 'peft-a'}", "--adapters", f"b={tmp / 'peft-b'}",
+                     "--prompts", str(prompts), "--max-new-tokens", "6", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [(x["prompt"], x["adapter"]) for x in lines] == rows
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    method_a, adapter_a = lrtt.load_peft(tmp / "peft-a", params)
+    merged = {"a": lrtt.merge(method_a, params, adapter_a), "b": lrtt.merge(other, params, adapter_b), None: params}
+    for (prompt, name), line in zip(rows, lines):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        alone = lrtt.models.generate(model, merged[name], [ids], max_new_tokens=6, pad_token_id=1)[0]
+        assert line["tokens"] == (alone[:alone.index(4)] if 4 in alone else alone), name
+    assert len({tuple(x["tokens"]) for x in lines[:3]}) > 1
+    bad = tmp / "bad-adapter.jsonl"
+    bad.write_text(json.dumps({"prompt": "hello", "adapter": "c"}) + "\n")
+    assert cli.main(["generate", config, "--adapters", f"a={tmp / 'peft-a'}", "--prompts", str(bad)]) == 2
+    assert "adapter 'c' is not one of --adapters ['a']" in capsys.readouterr().err
+    assert cli.main(["generate", config, "--adapters", f"a={tmp}", "--prompts", str(prompts)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
 def test_a_bad_row_is_named_by_file_and_line_or_skipped(tmp_path, checkpoint, files, capsys):
     bad = tmp_path / "bad.jsonl"
     lines = (files / "chat.jsonl").read_text().splitlines()

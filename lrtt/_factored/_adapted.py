@@ -28,6 +28,7 @@ from lrtt._adapter import BottleneckAdapter, LoraFactors, Trainable, TTFactors, 
 from lrtt._merge import _leaf_targets, check_covers
 from lrtt._paths import is_quantized, named_leaves, quantized_array, replace_leaves
 from lrtt._quant import dequantize_leaf
+from lrtt._stack import AdapterStack, check_ids, per_row_factors
 from lrtt._targets import Layout, Target
 
 
@@ -71,12 +72,16 @@ def _register(data: tuple[str, ...], meta: tuple[str, ...]):
     return register
 
 
-@_register(("w0", "a", "b", "key"), ("scale", "layout", "path", "dropout"))
+@_register(("w0", "a", "b", "key", "rows"), ("scale", "layout", "path", "dropout"))
 class LowRankLeaf(AdaptedLeaf):
     """``W0 + scale·A·B`` kept factored: ``a: (*stack, in, r)``, ``b: (*stack, r, out)``.
 
     ``key`` (optional): typed PRNG keys of shape ``stack`` for dropout on the adapter's input
     at rate ``dropout``.
+
+    ``rows`` (optional, a stack of adapters): int32 ``(batch,)``, the slot of each batch row;
+    then ``a: (*stack, S, in, r)``, ``b: (*stack, S, r, out)`` hold ``S`` slots and row ``i``
+    computes ``x[i]·W0 + scale·(x[i]·A[rows[i]])·B[rows[i]]`` (``rows[i] = -1``: ``x[i]·W0``).
     """
 
     w0: Any
@@ -87,14 +92,23 @@ class LowRankLeaf(AdaptedLeaf):
     layout: Layout
     path: str
     dropout: float = 0.0
+    rows: Any = None
 
     def parts(self):
         stack, ins, outs = self.layout.split(self.w0.shape)
         rank = self.a.shape[-1]
-        out = {
-            "a": (self.a.reshape(*stack, *ins, rank), ("i", 0, 1)),
-            "b": (self.b.reshape(*stack, rank, *outs), ("o", 1, 0)),
-        }
+        if self.rows is None:
+            out = {
+                "a": (self.a.reshape(*stack, *ins, rank), ("i", 0, 1)),
+                "b": (self.b.reshape(*stack, rank, *outs), ("o", 1, 0)),
+            }
+        else:  # one slot axis before the groups; the row ids repeated over the stack axes
+            slots = self.a.shape[len(stack)]
+            out = {
+                "a": (self.a.reshape(*stack, slots, *ins, rank), ("i", 1, 1)),
+                "b": (self.b.reshape(*stack, slots, rank, *outs), ("o", 2, 0)),
+                "rows": (jnp.broadcast_to(self.rows, (*stack, *self.rows.shape)), (None, 0, 1)),
+            }
         if self.key is not None:
             out["key"] = (self.key, (None, 0, 0))
         return out
@@ -159,8 +173,9 @@ def _as_typed_key(rng):
     return jax.random.wrap_key_data(rng)
 
 
-def _check_factors(a, b, target: Target) -> None:
-    if a.shape[-2] != target.n_in or b.shape[-1] != target.n_out or tuple(a.shape[:-2]) != target.stack:
+def _check_factors(a, b, target: Target, slots: bool = False) -> None:
+    stack = tuple(a.shape[:-3] if slots else a.shape[:-2])
+    if a.shape[-2] != target.n_in or b.shape[-1] != target.n_out or stack != target.stack:
         raise ValueError(
             f"adapter factors of {target.path!r} are {tuple(a.shape)}·{tuple(b.shape)} but the leaf "
             f"is a {target.stack + (target.n_in, target.n_out)} (*stack, in, out) matrix (layout "
@@ -183,7 +198,7 @@ def _sibling_bias(path: str, base: dict[str, Any], target: Target):
     return bias
 
 
-def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None) -> Any:
+def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None, adapter_ids: Any = None) -> Any:
     """The params with every adapted leaf replaced by an adapted leaf (factors kept apart).
 
     Call it *inside* the function you differentiate, so that gradients reach the adapter::
@@ -209,6 +224,10 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
       adapter: the adapter tree from ``method.init``.
       rng: a PRNG key for dropout on the adapter's input (used when ``method.dropout > 0``);
         each target gets its own keys, one per stacked layer. None: no dropout (evaluation).
+      adapter_ids: with an :class:`lrtt.AdapterStack` (``lrtt.stack``) as ``adapter``: int32
+        ``(batch,)``, the member each batch row runs with (``-1``: the base alone). The model's
+        activations at each adapted product must have the batch as their first axis (outside
+        the axes the product contracts), as ``(batch, seq, features)`` has.
 
     Returns:
       A tree with the structure of ``params``.
@@ -218,6 +237,16 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
         has no entry for a leaf the method selects in ``params`` (``method.plan(params)``): an
         adapter made for a model with fewer layers.
     """
+    ids = None
+    if isinstance(adapter, AdapterStack):
+        if adapter_ids is None:
+            raise ValueError("the adapter is a stack of adapters (lrtt.stack): give adapter_ids=, one member id "
+                             "per batch row (-1: the base alone), or wrap one member (lrtt.member(stacked, k)).")
+        ids = check_ids(adapter_ids, adapter.size)
+        adapter = adapter.tree
+    elif adapter_ids is not None:
+        raise ValueError("adapter_ids= was given but the adapter is a single adapter: stack several with "
+                         "lrtt.stack(method, adapters) to run each row with its own.")
     flat = entries(adapter)
     shaped = {p for p, e in flat.items() if not isinstance(e, Trainable)}
     targets = _leaf_targets(params, shaped, method.layouts)
@@ -239,11 +268,15 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
             w0 = quantized_array(w0)
         if isinstance(entry, (LoraFactors, TTFactors)):
             target = targets[path]
-            a, b = entry.factor_matrices()
-            _check_factors(a, b, target)
+            if ids is None:
+                a, b = entry.factor_matrices()
+                rows = None
+            else:
+                a, b, rows = per_row_factors(entry, ids, len(target.stack))
+            _check_factors(a, b, target, slots=rows is not None)
             replacements[path] = LowRankLeaf(
                 w0, a, b, keys.get(path), scale=float(entry.scale), layout=target.layout, path=path,
-                dropout=rate if path in keys else 0.0,
+                dropout=rate if path in keys else 0.0, rows=rows,
             )
         elif isinstance(entry, BottleneckAdapter):
             target = targets[path]
@@ -393,6 +426,8 @@ class View:
             return dequantize_leaf(self.w0)
         if self.meta.kind != "low_rank":
             raise ValueError(NOT_DENSE.format(path=self.meta.path))
+        if "rows" in self.parts:
+            raise ValueError(NOT_DENSE_ROWS.format(path=self.meta.path))
         s_shape, i_shape, o_shape = self.group_shape(STACK), self.group_shape(IN), self.group_shape(OUT)
         a = self.parts["a"].reshape(*s_shape, math.prod(i_shape), -1)
         b = self.parts["b"].reshape(*s_shape, -1, math.prod(o_shape))
@@ -409,4 +444,11 @@ NOT_DENSE = (
     "non-linear: no dense weight reproduces it, so it cannot be materialized even with "
     "materialize=True. Only a dot_general with this kernel can apply it; exclude the leaf from "
     "`after`/`before` if the model uses it otherwise."
+)
+
+NOT_DENSE_ROWS = (
+    "the adapted leaf {path!r} runs a stack of adapters, one per batch row (adapter_ids=): no one "
+    "dense weight stands for it, so only a dot_general of the batch's activations with this kernel "
+    "can apply it. Merge one member (lrtt.merge(method, params, lrtt.member(stacked, k))) where the "
+    "model uses the kernel otherwise."
 )

@@ -158,6 +158,8 @@ def low_rank_branch(plan: DotPlan, meta, dtype, precision, preferred, use: int, 
         x2 = dropout(jax.random.fold_in(parts["key"], use), x2, meta.dropout)
     k, n = math.prod(plan.g_shape), math.prod(plan.o_shape)
     a, b = parts["a"], parts["b"]
+    if "rows" in parts:
+        return _per_row_branch(plan, meta, dtype, precision, preferred, base, x2, free_shape, parts)
     if plan.transposed:  # x·Wᵀ = (x·Bᵀ)·Aᵀ
         left, right = b.reshape(-1, k).T, a.reshape(n, -1).T
     else:  # x·W = (x·A)·B
@@ -170,6 +172,43 @@ def low_rank_branch(plan: DotPlan, meta, dtype, precision, preferred, use: int, 
     base2 = base.reshape(x2.shape[0], n)
     y = low_rank_add(base2, x2, left, right, meta.scale, precision, preferred)
     return y.reshape(base.shape)
+
+
+def _per_row_branch(plan: DotPlan, meta, dtype, precision, preferred, base, x2, free_shape, parts):
+    """``base + scale·(x[i]·A[rows[i]])·B[rows[i]]`` per batch row ``i`` (a stack of adapters).
+
+    ``a: (S, *in, r)``, ``b: (S, r, *out)`` hold ``S`` slots; ``rows: (batch,)`` (``-1``: no
+    adapter). The batch is x's first free axis: ``x2 (batch·m, k)`` is viewed as
+    ``(batch, m, k)`` and each row's factors gathered — ``batch·(k + n)·r`` numbers, never a
+    dense ``ΔW``.
+    """
+    rows = parts["rows"]
+    batch = rows.shape[0]
+    if not free_shape or free_shape[0] != batch:
+        raise ValueError(
+            f"the adapted kernel {meta.path!r} meets activations whose first free axis is "
+            f"{free_shape[:1]}, not the {batch} batch rows of adapter_ids: per-row adapters need the "
+            "activations laid out (batch, ..., features) at each adapted product. Run such a model with "
+            "one adapter at a time (lrtt.member(stacked, k)).")
+    k, n = math.prod(plan.g_shape), math.prod(plan.o_shape)
+    slots = parts["a"].shape[0]
+    a, b = parts["a"].reshape(slots, k if not plan.transposed else n, -1), parts["b"].reshape(slots, -1, n if not plan.transposed else k)
+    if plan.transposed:  # x·Wᵀ = (x·Bᵀ)·Aᵀ
+        left, right = b.transpose(0, 2, 1), a.transpose(0, 2, 1)
+    else:
+        left, right = a, b
+    valid = rows >= 0
+    index = jnp.maximum(rows, 0)
+    left = left[index].astype(dtype)  # (batch, k, r)
+    right = right[index].astype(dtype)  # (batch, r, n)
+    x3 = x2.reshape(batch, -1, x2.shape[-1])
+    t = jnp.einsum("bmk,bkr->bmr", x3, left, precision=precision, preferred_element_type=preferred).astype(x2.dtype)
+    t = t * jnp.where(valid, jnp.asarray(meta.scale, t.dtype), jnp.zeros((), t.dtype))[:, None, None]
+    y = jnp.einsum("bmr,brn->bmn", t, right, precision=precision, preferred_element_type=preferred)
+    y = y.reshape(x2.shape[0], n).astype(base.dtype)
+    if plan.on_left:
+        return base + _from_rows(y, plan, free_shape)
+    return base + y.reshape(base.shape)
 
 
 def _f(meta, parts, h2):

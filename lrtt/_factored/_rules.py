@@ -468,6 +468,8 @@ def _ragged_dot_general(ctx, eqn, invals):
         return _bind_on_w0(eqn, view, [x, None, group_sizes])
     if view.meta.kind != "low_rank":
         return ctx.unsupported(eqn, invals, " with a LoRETTA_adp adapter (ragged_dot_general takes LoRA and LorettaRep)")
+    if "rows" in view.parts:
+        return ctx.unsupported(eqn, invals, " with a stack of adapters (adapter_ids=): expert kernels take one adapter")
     stack, ins = view.axes(STACK), view.axes(IN)
     if (lb or rb or tuple(numbers.rhs_group_dimensions) != tuple(stack) or len(stack) != 1
             or set(rc) != set(ins) or set(numbers.lhs_ragged_dimensions) & set(lc)):

@@ -22,15 +22,21 @@ from lrtt.cli._config import ConfigError, RunConfig
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
-def read_prompts(path: str, config: RunConfig) -> list[Any]:
+def read_prompts(path: str, config: RunConfig, adapters: dict[str, Any] | None = None) -> list[Any]:
     """The prompts of a file: a text file's non-blank lines, or the rows of a JSONL / JSON / CSV /
     Parquet file holding ``messages`` (a chat: its trailing assistant turn, the reference answer,
     is left out), ``prompt`` or ``text`` (names as ``data.fields`` maps them). A chat is a list of
-    ``{role, content}`` dicts, anything else a string."""
+    ``{role, content}`` dicts, anything else a string.
+
+    With ``adapters`` (``--adapters``: name → directory), ``(prompt, name)`` pairs: each row's
+    ``adapter`` field, one of the names, or missing / null / empty for the base alone."""
     file = pathlib.Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"--prompts {path!r}: no such file.")
     if file.suffix.lower() in TEXT_SUFFIXES:
+        if adapters is not None:
+            raise ConfigError(f"--prompts {path!r} is a text file, but --adapters needs each prompt to name its "
+                              "adapter: give a JSONL file of {\"prompt\": ..., \"adapter\": NAME} rows.")
         prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         import lrtt.data
@@ -41,12 +47,56 @@ def read_prompts(path: str, config: RunConfig) -> list[Any]:
             for where, row in lrtt.data.raw_rows(str(file)):
                 if not isinstance(row, dict):
                     raise ConfigError(f"--prompts {where}: {row}.")
-                prompts.append(_prompt_of(row, fields, where))
+                prompt = _prompt_of(row, fields, where)
+                if adapters is not None:
+                    name = row.get("adapter")
+                    if name not in (None, "") and name not in adapters:
+                        raise ConfigError(f"--prompts {where}: adapter {name!r} is not one of --adapters "
+                                          f"{sorted(adapters)}; name one of them, or leave it out for the base.")
+                    prompt = (prompt, name or None)
+                prompts.append(prompt)
         except ValueError as err:
             raise ConfigError(f"--prompts {path!r}: {err}") from None
     if not prompts:
         raise ConfigError(f"--prompts {path!r} holds no prompt.")
     return prompts
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """``--adapters NAME=DIR`` values as ``{name: directory}`` (each a PEFT LoRA directory)."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not directory:
+            raise ConfigError(f"--adapters {value!r}: give NAME=DIR (a name, then a PEFT adapter directory).")
+        if name in out:
+            raise ConfigError(f"--adapters names {name!r} twice.")
+        path = pathlib.Path(directory).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapters {name}={directory}: no adapter_config.json there; give a PEFT LoRA "
+                              "directory (lrtt export CONFIG --format peft --out DIR writes one).")
+        out[name] = str(path)
+    return out
+
+
+def _stacked_adapters(directories: dict[str, str], params: Any) -> tuple[Any, Any, list[str]]:
+    """``(method, stack, names)``: the PEFT adapters read onto ``params`` and stacked (LoRA ranks
+    padded to the largest, scales folded into B where they differ)."""
+    import lrtt
+
+    names, methods, adapters = list(directories), [], []
+    for name in names:
+        try:
+            method, adapter = lrtt.load_peft(directories[name], params)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"--adapters {name}: {err}") from None
+        methods.append(method)
+        adapters.append(adapter)
+    try:
+        return methods[0], lrtt.stack(methods[0], adapters), names
+    except ValueError as err:
+        raise ConfigError(f"--adapters: {err}") from None
 
 
 def _prompt_of(row: dict, fields: dict, where: str) -> Any:
@@ -128,6 +178,7 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
     """Complete ``args.prompt`` / ``args.prompts`` and print the completions (``--json``: one JSON
     line per prompt, ``{"prompt", "completion", "tokens"}``)."""
     import jax
+    import numpy as np
     from transformers import AutoTokenizer
 
     import lrtt
@@ -139,7 +190,14 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
     for name, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}.")
-    prompts = args.prompt if args.prompt is not None else read_prompts(args.prompts, config)
+    directories = parse_adapters(args.adapters) if args.adapters else None
+    if directories is not None and (args.merged is not None or args.prompts is None):
+        raise ConfigError("--adapters runs the config's base model with adapters named per prompt: give --prompts "
+                          "FILE (rows with an `adapter` field), and no --merged.")
+    prompts = args.prompt if args.prompt is not None else read_prompts(args.prompts, config, directories)
+    names: list[Any] = [None] * len(prompts)
+    if directories is not None:
+        prompts, names = [p for p, _ in prompts], [n for _, n in prompts]
     merged_dir = None
     if args.merged is not None:
         merged_dir = str(pathlib.Path(args.merged).expanduser())
@@ -153,7 +211,12 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
         raise ConfigError(f"the tokenizer of {directory!r} could not be loaded ({err}).") from None
     chat = _uses_chat(config, args.chat)
     token_prompts = encode_prompts(tokenizer, prompts, chat)
-    if merged_dir is None:  # the run's checkpoint, factored over the (quantized) base
+    stacked = None
+    if directories is not None:  # the base with a stack of adapters, one per prompt
+        params = _tasks.quantized_base(config, params)
+        method, stacked, order = _stacked_adapters(directories, params)
+        base, apply = params, lrtt.factored(model)
+    elif merged_dir is None:  # the run's checkpoint, factored over the (quantized) base
         method = _job.build_method(config)
         params = _tasks.quantized_base(config, params)
         holder = _tasks.Task("lm", model, params, {}, None, None, None, "perplexity")
@@ -167,6 +230,9 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
                    top_p=args.top_p, seed=args.seed, apply=apply, pad_token_id=int(pad))
     for start in range(0, len(token_prompts), args.batch_size):
         batch = token_prompts[start: start + args.batch_size]
+        if stacked is not None:
+            ids = [-1 if n is None else order.index(n) for n in names[start: start + args.batch_size]]
+            params = lrtt.wrap(method, base, stacked, adapter_ids=np.asarray(ids, np.int32))
         try:
             completions = lrtt.models.generate(model, params, batch, **options)
         except (ValueError, TypeError) as err:
@@ -176,7 +242,10 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
             prompt = prompts[start + i]
             text, kept = _cut(tokenizer, [int(t) for t in ids], eos, args.stop)
             if args.json:
-                print(json.dumps({"prompt": prompt, "completion": text, "tokens": kept}, ensure_ascii=False))
+                line = {"prompt": prompt, "completion": text, "tokens": kept}
+                if stacked is not None:
+                    line["adapter"] = names[start + i]
+                print(json.dumps(line, ensure_ascii=False))
             else:
                 shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
                 print(f"### prompt {start + i + 1}: {shown}\n{text}\n", flush=True)

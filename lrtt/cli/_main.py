@@ -91,8 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--merged", default=None, metavar="DIR",
                           help="generate from this merged export (lrtt export --format hf) instead of the run's "
                                "checkpoint (factored)")
+    generate.add_argument("--adapters", action="append", default=None, metavar="NAME=DIR",
+                          help="many adapters on the config's base model in one batch: a PEFT LoRA directory per "
+                               "name (repeatable); each --prompts row names its adapter in an `adapter` field "
+                               "(missing or null: the base alone)")
     generate.add_argument("--json", action="store_true",
-                          help="one JSON line per prompt: {prompt, completion, tokens}")
+                          help="one JSON line per prompt: {prompt, completion, tokens} (+ adapter)")
     export = restore_options(add("export", "write the merged params of the run's latest checkpoint"))
     export.add_argument("--out", default=None, help="directory (default: <output.dir>/merged); an existing one "
                         "must be an lrtt export of this run (or an empty directory)")
