@@ -142,6 +142,31 @@ def test_generate_from_the_checkpoint_and_from_the_merged_export(run, checkpoint
     assert "top_k" in capsys.readouterr().err
 
 
+def test_the_cli_keeps_tokenized_rows_memory_mapped_and_leaves_no_file(tmp_path, checkpoint, files, monkeypatch):
+    """The command's rows are read-only memory maps (a data set larger than memory trains),
+    equal to the rows lrtt.data makes; their files are unlinked at once, and a dead writer's
+    leftover folder is removed by the next run."""
+    from transformers import AutoTokenizer
+
+    from lrtt.cli import _config as config_module, _tasks
+
+    monkeypatch.setenv("LRTT_CACHE", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "rows" / "rows-999999999-x"  # no such pid
+    stale.mkdir(parents=True)
+    (stale / "input_ids.int32").write_bytes(b"\0" * 8)
+    config = config_module.load(_config(tmp_path, checkpoint, {"train": str(files / "chat.jsonl"), "packing": True,
+                                                          "eval_fraction": 0.2}))
+    splits, fmt, _ = _tasks.file_splits(config, str(checkpoint))
+    train = splits["train"]
+    assert fmt == "chat" and all(isinstance(a, np.memmap) and not a.flags.writeable for a in train.values())
+    assert list((tmp_path / "cache" / "rows").iterdir()) == []  # the stale folder and its own files gone
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    parts = lrtt.data.load(files / "chat.jsonl", tokenizer, max_len=48, eval_fraction=0.2, seed=0)
+    expected = list(lrtt.data.packed_rows(parts["train"], 48, parts["train"].pad_id))
+    for key in lrtt.data.ROW_KEYS:
+        np.testing.assert_array_equal(train[key], np.stack([r[key] for r in expected]))
+
+
 def test_generate_with_an_adapter_per_prompt(run, checkpoint, files, capsys):
     """`lrtt generate --adapters a=DIR b=DIR --prompts FILE`: one batch, each prompt with the adapter
     its row names (none: the base); equal to generating each prompt alone with its adapter merged."""

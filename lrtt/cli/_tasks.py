@@ -73,7 +73,8 @@ def file_splits(config: RunConfig, directory: str, *, eval_files: Any = None) ->
     """``({"train", "validation", "test"}: rows, format, largest token id)`` of the user's files: read and
     tokenized by :mod:`lrtt.data` with the checkpoint's own tokenizer (``AutoTokenizer`` of
     ``directory``: its chat template, BOS/EOS), padded or packed into ``data.max_len`` rows
-    (``input_ids``, ``loss_mask``, ``segment_ids``, ``positions``), held in memory. ``validation``
+    (``input_ids``, ``loss_mask``, ``segment_ids``, ``positions``), memory-mapped from files
+    written as the rows stream (:mod:`lrtt.cli._rowfiles`: a data set larger than memory trains). ``validation``
     and ``test`` are the same held-out rows (``data.eval`` files, or ``data.eval_fraction`` of
     ``data.train``; ``eval_files`` replaces them, for ``lrtt eval --data``). What was read — the
     format chosen, bad rows skipped, examples truncated — is printed to stderr.
@@ -85,6 +86,8 @@ def file_splits(config: RunConfig, directory: str, *, eval_files: Any = None) ->
 
     import lrtt.data
     from transformers import AutoTokenizer
+
+    from lrtt.cli import _rowfiles
 
     d = config.data
     try:
@@ -106,19 +109,17 @@ def file_splits(config: RunConfig, directory: str, *, eval_files: Any = None) ->
         for name, part in parts.items():
             make = lrtt.data.packed_rows if d.packing else lrtt.data.padded_rows
             limit = d.train_limit if name == "train" else d.eval_limit
-            arrays = []
-            for row in make(part, d.max_len, part.pad_id):
-                arrays.append(row)
-                if limit is not None and len(arrays) == limit:
-                    break
-            if not arrays:
+            # streamed to memory-mapped files: a data set larger than memory trains
+            arrays, count = _rowfiles.spill(make(part, d.max_len, part.pad_id), tuple(lrtt.data.ROW_KEYS),
+                                            d.max_len, limit)
+            if not count:
                 raise ConfigError(f"`data.{'train' if name == 'train' else 'eval'}` gave no examples "
                                   f"({part.stats.summary()}).")
-            rows[name if eval_files is None else "eval"] = {k: np.stack([r[k] for r in arrays]) for k in lrtt.data.ROW_KEYS}
+            rows[name if eval_files is None else "eval"] = arrays
             if eval_files is not None:
                 name = "eval"
             held = "" if name == "train" else (f" (held out: {fraction:g} of data.train)" if fraction else " (held out)")
-            print(f"data {name}{held}: {part.stats.summary()}; {len(arrays):,} rows of {d.max_len} tokens"
+            print(f"data {name}{held}: {part.stats.summary()}; {count:,} rows of {d.max_len} tokens"
                   f"{' (packed)' if d.packing else ''}", file=sys.stderr)
         print(f"data: {parts['train'].format_note}", file=sys.stderr)
         rows.setdefault("train", rows["eval"])
