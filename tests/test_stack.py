@@ -158,8 +158,11 @@ def test_generation_per_prompt_equals_each_prompt_alone_merged(llama):
     stacked = lrtt.stack(method, adapters)
     prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 4, 4]]
     ids = np.array([1, 0, -1, 2], np.int32)
-    out = lrtt.models.generate(model, lrtt.wrap(method, params, stacked, adapter_ids=ids), prompts,
-                               max_new_tokens=8, eos_token_id=[], apply=apply)
+    out = lrtt.models.generate(model, params, prompts, max_new_tokens=8, eos_token_id=[],
+                               adapters=(method, stacked), adapter_ids=ids)
+    wrapped = lrtt.models.generate(model, lrtt.wrap(method, params, stacked, adapter_ids=ids), prompts,
+                                   max_new_tokens=8, eos_token_id=[], apply=lrtt.factored(model))
+    assert wrapped == out  # the keyword is lrtt.wrap's ids, factored
     texts = set()
     for prompt, k, got in zip(prompts, ids, out):
         base = params if k < 0 else lrtt.merge(method, params, adapters[k])
@@ -167,6 +170,10 @@ def test_generation_per_prompt_equals_each_prompt_alone_merged(llama):
         assert got == alone, (k, got, alone)
         texts.add(tuple(lrtt.models.generate(model, base, [prompts[0]], max_new_tokens=8, eos_token_id=[])[0]))
     assert len(texts) > 1  # the adapters do change what the model writes
+    with pytest.raises(ValueError, match="one id per prompt"):
+        lrtt.models.generate(model, params, prompts, max_new_tokens=2, adapters=(method, stacked), adapter_ids=[0])
+    with pytest.raises(ValueError, match="needs both"):
+        lrtt.models.generate(model, params, prompts, max_new_tokens=2, adapter_ids=ids)
 
 
 def test_errors_name_the_problem(llama):

@@ -178,7 +178,6 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
     """Complete ``args.prompt`` / ``args.prompts`` and print the completions (``--json``: one JSON
     line per prompt, ``{"prompt", "completion", "tokens"}``)."""
     import jax
-    import numpy as np
     from transformers import AutoTokenizer
 
     import lrtt
@@ -230,11 +229,12 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
                    top_p=args.top_p, seed=args.seed, apply=apply, pad_token_id=int(pad))
     for start in range(0, len(token_prompts), args.batch_size):
         batch = token_prompts[start: start + args.batch_size]
+        per_prompt = {}
         if stacked is not None:
             ids = [-1 if n is None else order.index(n) for n in names[start: start + args.batch_size]]
-            params = lrtt.wrap(method, base, stacked, adapter_ids=np.asarray(ids, np.int32))
+            per_prompt = dict(params=base, adapters=(method, stacked), adapter_ids=ids)
         try:
-            completions = lrtt.models.generate(model, params, batch, **options)
+            completions = lrtt.models.generate(model, per_prompt.pop("params", params), batch, **per_prompt, **options)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"generate: {err}") from None
         jax.block_until_ready(completions)

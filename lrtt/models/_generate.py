@@ -171,10 +171,34 @@ def _decode(params, logits, cache, key, max_new, temperature, top_p, eos, stops,
     return out, length
 
 
+@functools.lru_cache(maxsize=None)
+def _factored(model: Any) -> Callable:
+    """One ``lrtt.factored(model)`` per model, so that calls share compiled code."""
+    import lrtt
+
+    return lrtt.factored(model)
+
+
+def _per_prompt(model, params, apply, adapters, adapter_ids, batch):
+    """``(params, apply)`` running prompt ``i`` with member ``adapter_ids[i]`` of a stack."""
+    import lrtt
+
+    if adapters is None or adapter_ids is None:
+        raise ValueError("an adapter per prompt needs both adapters=(method, lrtt.stack(method, [...])) and "
+                         "adapter_ids=[one member id per prompt, -1 for the base].")
+    method, stacked = adapters
+    ids = np.asarray(adapter_ids)
+    if ids.shape != (batch,):
+        raise ValueError(f"adapter_ids has shape {ids.shape}; give one id per prompt ({batch}).")
+    wrapped = lrtt.wrap(method, params, stacked, adapter_ids=ids.astype(np.int32))
+    return wrapped, _factored(model) if apply is None else apply
+
+
 def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None, stop: Sequence[Sequence[int]] | None = None,
-             cache_dtype: Any = jnp.float32, apply: Callable | None = None, pad_token_id: int = 0) -> list[list[int]]:
+             cache_dtype: Any = jnp.float32, apply: Callable | None = None, pad_token_id: int = 0,
+             adapters: tuple[Any, Any] | None = None, adapter_ids: Sequence[int] | None = None) -> list[list[int]]:
     """Completions of a batch of prompts of different lengths, with the KV cache.
 
     The prompts are left-padded to ``P = bucket(max len)`` (:func:`bucket`: a power of two ≥ 16,
@@ -217,6 +241,12 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
       apply: ``apply(params, tokens, cache=..., segment_ids=...) -> (logits, cache)``; default
         ``model``. ``lrtt.factored(model)`` passes these keywords through.
       pad_token_id: the token placed on the left padding and after a row's end (never returned).
+      adapters, adapter_ids: an adapter per prompt: ``adapters=(method, stacked)`` with
+        ``stacked`` an :class:`lrtt.AdapterStack` (``lrtt.stack``) over the base ``params``, and
+        ``adapter_ids`` one member per prompt (``-1``: the base alone). Runs
+        ``lrtt.wrap(method, params, stacked, adapter_ids=...)`` factored (one compiled program
+        per model and shapes, whatever the ids); each prompt's greedy completion equals its
+        completion alone with its adapter merged.
 
     Returns:
       B lists of token ids (without the prompt), each at most ``max_new_tokens`` long.
@@ -271,6 +301,8 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
         stop_array[i, width - len(s):] = s
 
     B = len(rows)
+    if adapters is not None or adapter_ids is not None:
+        params, apply = _per_prompt(model, params, apply, adapters, adapter_ids, B)
     P = bucket(max(len(r) for r in rows))
     N = bucket(max_new_tokens)
     tokens = np.full((B, P), pad_token_id, np.int32)
