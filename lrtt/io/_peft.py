@@ -30,7 +30,7 @@ from lrtt._extras import needs_extra
 from lrtt._paths import exact_patterns, named_leaves, nest
 from lrtt._targets import Target, first_match, select
 from lrtt.io import _hf_names as names
-from lrtt.io._checkpoint import NonFiniteError
+from lrtt.io._checkpoint import NonFiniteError, non_finite
 from lrtt.methods._lora import LoRA
 
 class PeftFileError(ValueError):
@@ -188,7 +188,7 @@ def save_peft(
     config["base_model_name_or_path"] = base_model_name_or_path  # the Hub id PEFT loads the base from
     if check == "vllm":
         check_vllm(config, ranks)
-    bad = sorted(k for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)))
+    bad = non_finite(tensors)
     if bad:
         raise NonFiniteError(
             f"refusing to write {directory}: {len(bad)} tensor(s) of the adapter hold NaN or inf: {bad[:5]}. "
@@ -801,7 +801,7 @@ def _load_safetensors(file: str) -> dict[str, np.ndarray]:
 
 def _check_finite(tensors: dict[str, np.ndarray], file: str) -> None:
     """Refuse floating-point tensors holding NaN or inf (a diverged run's adapter)."""
-    bad = sorted(k for k, v in tensors.items() if jnp.issubdtype(v.dtype, jnp.inexact) and not np.isfinite(v).all())
+    bad = non_finite(tensors)
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise NonFiniteError(
