@@ -97,18 +97,13 @@ class LowRankLeaf(AdaptedLeaf):
     def parts(self):
         stack, ins, outs = self.layout.split(self.w0.shape)
         rank = self.a.shape[-1]
-        if self.rows is None:
-            out = {
-                "a": (self.a.reshape(*stack, *ins, rank), ("i", 0, 1)),
-                "b": (self.b.reshape(*stack, rank, *outs), ("o", 1, 0)),
-            }
-        else:  # one slot axis before the groups; the row ids repeated over the stack axes
-            slots = self.a.shape[len(stack)]
-            out = {
-                "a": (self.a.reshape(*stack, slots, *ins, rank), ("i", 1, 1)),
-                "b": (self.b.reshape(*stack, slots, rank, *outs), ("o", 2, 0)),
-                "rows": (jnp.broadcast_to(self.rows, (*stack, *self.rows.shape)), (None, 0, 1)),
-            }
+        slots = () if self.rows is None else (self.a.shape[len(stack)],)  # a stack's slot axis, before the groups
+        out = {
+            "a": (self.a.reshape(*stack, *slots, *ins, rank), ("i", len(slots), 1)),
+            "b": (self.b.reshape(*stack, *slots, rank, *outs), ("o", len(slots) + 1, 0)),
+        }
+        if self.rows is not None:  # the row ids, repeated over the stack axes
+            out["rows"] = (jnp.broadcast_to(self.rows, (*stack, *self.rows.shape)), (None, 0, 1))
         if self.key is not None:
             out["key"] = (self.key, (None, 0, 0))
         return out

@@ -191,12 +191,12 @@ def _per_row_branch(plan: DotPlan, meta, dtype, precision, preferred, base, x2, 
             "activations laid out (batch, ..., features) at each adapted product. Run such a model with "
             "one adapter at a time (lrtt.member(stacked, k)).")
     k, n = math.prod(plan.g_shape), math.prod(plan.o_shape)
-    slots = parts["a"].shape[0]
-    a, b = parts["a"].reshape(slots, k if not plan.transposed else n, -1), parts["b"].reshape(slots, -1, n if not plan.transposed else k)
+    a, b = parts["a"], parts["b"]
+    slots = a.shape[0]
     if plan.transposed:  # x·Wᵀ = (x·Bᵀ)·Aᵀ
-        left, right = b.transpose(0, 2, 1), a.transpose(0, 2, 1)
-    else:
-        left, right = a, b
+        left, right = b.reshape(slots, -1, k).swapaxes(1, 2), a.reshape(slots, n, -1).swapaxes(1, 2)
+    else:  # x·W = (x·A)·B
+        left, right = a.reshape(slots, k, -1), b.reshape(slots, -1, n)
     valid = rows >= 0
     index = jnp.maximum(rows, 0)
     left = left[index].astype(dtype)  # (batch, k, r)

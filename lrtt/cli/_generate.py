@@ -214,7 +214,7 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
     if directories is not None:  # the base with a stack of adapters, one per prompt
         params = _tasks.quantized_base(config, params)
         method, stacked, order = _stacked_adapters(directories, params)
-        base, apply = params, lrtt.factored(model)
+        apply = lrtt.factored(model)
     elif merged_dir is None:  # the run's checkpoint, factored over the (quantized) base
         method = _job.build_method(config)
         params = _tasks.quantized_base(config, params)
@@ -230,11 +230,11 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
     for start in range(0, len(token_prompts), args.batch_size):
         batch = token_prompts[start: start + args.batch_size]
         per_prompt = {}
-        if stacked is not None:
+        if stacked is not None:  # params: the base; each prompt's member of the stack
             ids = [-1 if n is None else order.index(n) for n in names[start: start + args.batch_size]]
-            per_prompt = dict(params=base, adapters=(method, stacked), adapter_ids=ids)
+            per_prompt = dict(adapters=(method, stacked), adapter_ids=ids)
         try:
-            completions = lrtt.models.generate(model, per_prompt.pop("params", params), batch, **per_prompt, **options)
+            completions = lrtt.models.generate(model, params, batch, **per_prompt, **options)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"generate: {err}") from None
         jax.block_until_ready(completions)

