@@ -35,6 +35,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..")]
 
+from _proc import status_bytes  # noqa: E402  (benchmarks/_proc.py)
+
 GIB = 2**30
 STEP_LIMIT_GIB = 8.0
 LLAMA2_7B = dict(
@@ -144,11 +146,8 @@ def _peak_rss() -> int:
     """This process image's peak RSS in bytes: ``VmHWM`` of ``/proc/self/status``, which starts
     afresh at ``exec`` (``ru_maxrss`` does not: it keeps the pre-exec image's peak, so a child of
     the process that wrote the 13.5 GB checkpoint would inherit the writer's RSS as a floor)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def case(directory: str, step: bool) -> dict:

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 import lrtt  # noqa: E402
 import lrtt.models  # noqa: E402
+from _proc import status_bytes  # noqa: E402  (benchmarks/_proc.py)
 
 SMOLLM2 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
                intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -65,11 +66,7 @@ def parse_args(argv=None):
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmRSS") or 0
 
 
 def median_time(fn, repeats):

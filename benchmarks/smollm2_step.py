@@ -60,6 +60,7 @@ import optax  # noqa: E402
 import lrtt  # noqa: E402
 import lrtt.models  # noqa: E402
 import lrtt.train  # noqa: E402
+from _proc import status_bytes  # noqa: E402  (benchmarks/_proc.py)
 
 LR = 1e-4
 WEIGHT_DECAY = 0.01
@@ -180,14 +181,8 @@ def torch_side(args, directory: str):
 
 
 def peak_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    peak = status_bytes("VmHWM")
+    return None if peak is None else peak / 2**20
 
 
 def main(argv=None):
