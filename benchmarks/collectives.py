@@ -42,12 +42,16 @@ compiled CPU program moves float32: the default dtype is therefore float32 for e
 Cases: LoRA r=8 on q,v; LorettaRep r=8, TT rank 5 on q,v; FullFineTune (every leaf trains), each
 under three placements:
 
-* ``dp``: ``rules=None``, params and adapter replicated, batch sharded over "data";
+* ``dp``: ``rules=None``, params and adapter replicated, batch sharded over "data"; the step's
+  default ``reduce="auto"`` = ``"gradients"``: each device's adapter gradients, then a ``pmean``;
+* ``dp-compiler``: the same placement with ``reduce="compiler"``: one global program, XLA's
+  partitioner places the sums (what ``dp`` was before lrtt reduced the adapter's own gradients);
 * ``fsdp``: ``rules="fsdp"``, each >= 2-D frozen leaf sharded over "data" on its largest
-  divisible axis, adapter factors following their kernels; the rest left to XLA's propagation;
-* ``fsdp-gather``: the same rule, plus user code in the loss that constrains the frozen weights
-  and the adapter to replicated on entry (``with_sharding_constraint``), i.e. "all-gather each
-  weight, compute on the local batch shard", the textbook FSDP pattern; no lrtt change.
+  divisible axis, adapter factors following their kernels; the step's default
+  ``gather_at_use=True`` constrains the weights and the adapter whole along "data" where the loss
+  uses them: the textbook FSDP pattern (all-gather each weight, compute on the local batch shard);
+* ``fsdp-xla``: the same rule with ``gather_at_use=False``: the placement of everything else left to
+  XLA's propagation (what ``fsdp`` was before the Mesh step gathered at use).
 
 Deterministic forward (``train=False``: no dropout), next-token cross-entropy (mean, float32),
 global batch of 8 sequences x 128 tokens (``--batch``, ``--seq``).
@@ -81,16 +85,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 import lrtt  # noqa: E402
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 ASYNC = ("all-reduce", "all-gather", "collective-permute")  # the kinds with X-start / X-done pairs
 N_DEVICES = 8
-RULES = {"dp": None, "fsdp": "fsdp", "fsdp-gather": "fsdp"}  # the name -> the mesh_step rules
-RULE_LABELS = {"dp": "data-parallel (rules=None)", "fsdp": "FSDP (rules='fsdp')",
-               "fsdp-gather": "FSDP + gather at use (rules='fsdp', loss gathers)"}
+# the name -> the mesh_step keywords
+RULES = {"dp": dict(rules=None), "dp-compiler": dict(rules=None, reduce="compiler"), "fsdp": dict(rules="fsdp"),
+         "fsdp-xla": dict(rules="fsdp", gather_at_use=False)}
+RULE_LABELS = {"dp": "data-parallel (rules=None)", "dp-compiler": "data-parallel, reduce='compiler'",
+               "fsdp": "FSDP (rules='fsdp', gathers at use)", "fsdp-xla": "FSDP, gather_at_use=False"}
 
 # --- parsing the optimized HLO text ----------------------------------------------------------
 
@@ -314,21 +320,6 @@ def tree_bytes(tree) -> int:
 # --- one case: compile the step, count its collectives -----------------------------------------
 
 
-def gather_at_use(loss, mesh):
-    """``loss`` whose frozen weights and adapter are constrained to replicated on entry (user code).
-
-    The textbook FSDP pattern (all-gather each weight, compute on the local batch shard): without
-    it XLA's propagation is free to shard activations like the weights instead (see the docs).
-    """
-    replicated = NamedSharding(mesh, P())
-
-    def gathered(adapter, params, batch, rng):
-        adapter, params = jax.lax.with_sharding_constraint((adapter, params), replicated)
-        return loss(adapter, params, batch, rng)
-
-    return gathered
-
-
 def make_loss(model, method):
     def apply_fn(p, batch, rng):
         return model(batch["input_ids"], params=p, train=False).logits
@@ -351,15 +342,15 @@ def abstract_args(ms, method, params, optimizer, shape: Shape):
 
 
 def compiled_hlo(model, params, method, rule: str, mesh, shape: Shape):
-    """``(optimized HLO text of the compiled Mesh step, seconds to lower + compile, the MeshStep)``."""
+    """``(optimized HLO text of the compiled Mesh step, seconds to lower + compile, the MeshStep,
+    XLA's temporary bytes per device)``."""
     optimizer = lrtt.train.adamw(1e-4)
     loss = make_loss(model, method)
-    if rule == "fsdp-gather":
-        loss = gather_at_use(loss, mesh)
-    ms = lrtt.train.mesh_step(loss, optimizer, mesh, method=method, params=params, rules=RULES[rule])
+    ms = lrtt.train.mesh_step(loss, optimizer, mesh, method=method, params=params, **RULES[rule])
     start = time.perf_counter()
     compiled = ms.step.lower(*abstract_args(ms, method, params, optimizer, shape)).compile()
-    return compiled.as_text(), time.perf_counter() - start, ms
+    memory = compiled.memory_analysis()
+    return compiled.as_text(), time.perf_counter() - start, ms, getattr(memory, "temp_size_in_bytes", -1)
 
 
 def sharded_bytes(tree, shardings) -> int:
@@ -374,7 +365,7 @@ def leaf_bytes(tree) -> list[int]:
 
 def count_case(model, params, method, rule: str, mesh, shape: Shape) -> dict:
     """Collective bytes of one case, next to the adapter-gradient and frozen-weight bytes."""
-    hlo, seconds, ms = compiled_hlo(model, params, method, rule, mesh, shape)
+    hlo, seconds, ms, temp = compiled_hlo(model, params, method, rule, mesh, shape)
     found = parse_collectives(hlo, mesh.size)
     adapter = lrtt.adapter_shapes(method, params)
     return {
@@ -387,6 +378,7 @@ def count_case(model, params, method, rule: str, mesh, shape: Shape) -> dict:
         "all_reduce_shapes": [s for c in found if c.kind == "all-reduce" for s in c.shapes],
         "in_loops": [c.name for c in in_loops(hlo, found)],
         "compile_s": seconds,
+        "temp_bytes": temp,
         "detail": [dataclasses.asdict(c) for c in found],
     }
 
@@ -414,7 +406,7 @@ def fmt(n: float) -> str:
 def table(rows: dict[str, dict]) -> str:
     """A markdown table: per case, bytes (instructions) per kind, the ring estimate and the comparisons."""
     head = ["case", "grad bytes", "sharded frozen bytes"] + list(KINDS) + [
-        "total", "ring est. sent/device", "all-reduce - grad", "all-gather - sharded frozen"]
+        "total", "ring est. sent/device", "all-reduce - grad", "all-gather - sharded frozen", "XLA temp/device"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, r in rows.items():
         t = r["totals"]
@@ -423,7 +415,7 @@ def table(rows: dict[str, dict]) -> str:
         cells = [case, fmt(r["grad_bytes"]), fmt(r["frozen_sharded_bytes"])] + [
             f"{fmt(t[k]['bytes'])} ({fmt(t[k]['ops'])})" if t[k]["ops"] else "0" for k in KINDS] + [
             fmt(total), fmt(ring), fmt(t["all-reduce"]["bytes"] - r["grad_bytes"]),
-            fmt(t["all-gather"]["bytes"] - r["frozen_sharded_bytes"])]
+            fmt(t["all-gather"]["bytes"] - r["frozen_sharded_bytes"]), fmt(r.get("temp_bytes", -1))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -445,7 +437,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2-small,llama2-7b", help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument("--methods", default="lora,rep,full", help="comma-separated, of lora, rep, full")
-    parser.add_argument("--rules", default="dp,fsdp,fsdp-gather", help=f"comma-separated, of {list(RULES)}")
+    parser.add_argument("--rules", default="dp,dp-compiler,fsdp,fsdp-xla", help=f"comma-separated, of {list(RULES)}")
     parser.add_argument("--batch", type=int, default=None, help="global batch (sequences); default 8 (tiny: 8)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence; default 128 (tiny: 16)")
     parser.add_argument("--dtype", default=None, help="weights and compute dtype, e.g. bfloat16; default float32 "

@@ -98,7 +98,7 @@ def test_ring_estimate():
 def tiny_report():
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", USE_TORCH="0", USE_TF="0")
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--models", "tiny", "--methods", "lora,full", "--rules", "dp", "--json"],
+        [sys.executable, SCRIPT, "--models", "tiny", "--methods", "lora,rep,full", "--rules", "dp,dp-compiler,fsdp", "--json"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -113,6 +113,22 @@ def test_data_parallel_lora_all_reduces_exactly_the_adapter_gradients(tiny_repor
     assert case["all_reduce_elements"] == sorted(case["grad_leaf_bytes"] + [LOSS_SCALAR])
     assert all(totals[k]["bytes"] == 0 for k in C.KINDS if k != "all-reduce")  # nothing else moves
     assert case["in_loops"] == []
+
+
+def test_data_parallel_loretta_rep_all_reduces_its_tt_cores_not_the_dense_factors(tiny_report):
+    case = tiny_report["LorettaRep r=8 tt5 qv | dp"]
+    assert case["totals"]["all-reduce"]["bytes"] == case["grad_bytes"] + LOSS_SCALAR
+    assert case["all_reduce_elements"] == sorted(case["grad_leaf_bytes"] + [LOSS_SCALAR])
+    # the compiler's placement reduces the dense A/B gradients the cores form: more bytes
+    compiler = tiny_report["LorettaRep r=8 tt5 qv | dp-compiler"]["totals"]["all-reduce"]["bytes"]
+    assert compiler > case["totals"]["all-reduce"]["bytes"]
+
+
+def test_fsdp_gathers_the_sharded_weights_at_use_and_moves_no_activations(tiny_report):
+    case = tiny_report["LorettaRep r=8 tt5 qv | fsdp"]
+    assert case["frozen_sharded_bytes"] > 0
+    assert case["totals"]["all-gather"]["bytes"] == case["frozen_sharded_bytes"]
+    assert case["totals"]["all-to-all"]["bytes"] == 0 and case["totals"]["reduce-scatter"]["bytes"] == 0
 
 
 def test_data_parallel_full_fine_tuning_all_reduces_every_weight(tiny_report):

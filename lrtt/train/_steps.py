@@ -321,6 +321,53 @@ def _auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
+REDUCTIONS = ("auto", "gradients", "compiler")
+
+
+def _uses_axis(spec: P, axis: str) -> bool:
+    return any(axis == e or (isinstance(e, tuple) and axis in e) for e in spec)
+
+
+def _without_axis(spec: P, axis: str) -> P:
+    """``spec`` with ``axis`` dropped from every entry (the array whole along that mesh axis)."""
+    def drop(entry):
+        if entry == axis:
+            return None
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != axis)
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+        return entry
+
+    return P(*(drop(e) for e in spec))
+
+
+def _gathered_at_use(loss, mesh: Mesh, p_specs, a_specs, data_axis: str):
+    """``loss`` whose params and adapter are constrained whole along ``data_axis`` on entry."""
+    whole = lambda specs: jax.tree.map(  # noqa: E731
+        lambda s: NamedSharding(mesh, _without_axis(s, data_axis)), specs, is_leaf=lambda x: isinstance(x, P))
+    p_whole, a_whole = whole(p_specs), whole(a_specs)
+
+    def gathered(adapter, params, batch, rng):
+        params = jax.lax.with_sharding_constraint(params, p_whole)
+        adapter = jax.lax.with_sharding_constraint(adapter, a_whole)
+        return loss(adapter, params, batch, rng)
+
+    return gathered
+
+
+def _reduction(reduce: str, replicated_specs: bool, method: Any) -> str:
+    """The Mesh step's gradient reduction for ``reduce`` (see :func:`mesh_step`)."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"`reduce` must be one of {list(REDUCTIONS)}, got {reduce!r}.")
+    if reduce == "gradients" and not replicated_specs:
+        raise ValueError("`reduce`='gradients' needs the params and the adapter replicated: the `rules` given shard "
+                         "them. Use reduce='compiler' (or 'auto') with sharding rules.")
+    if reduce == "auto":
+        dropout = float(getattr(method, "dropout", 0.0) or 0.0)
+        return "gradients" if replicated_specs and not dropout else "compiler"
+    return reduce
+
+
 class MeshStep(NamedTuple):
     """A jitted Mesh step and the shardings its arguments must (and its outputs will) have.
 
@@ -377,6 +424,8 @@ def mesh_step(
     data_axis: str = "data",
     accumulate: int = 1,
     donate: bool = True,
+    reduce: str = "auto",
+    gather_at_use: bool | None = None,
 ) -> MeshStep:
     """A jit step over a ``Mesh``: batch sharded over ``data_axis``, params by ``rules``.
 
@@ -392,6 +441,29 @@ def mesh_step(
         ``Explicit`` axis types are used as ``Auto``: the returned shardings are on that mesh).
       method, params: the method and frozen params (shapes suffice) the shardings derive from.
       rules: frozen-weight sharding (see :func:`param_specs`).
+      reduce: where the data-parallel gradient sum happens.
+
+        * ``"gradients"``: each device takes the gradient of its rows' loss with respect to the
+          adapter's own leaves (``jax.shard_map`` over ``data_axis``), then the gradients are
+          averaged (``pmean``): the bytes all-reduced are the trainable leaves' — for
+          LorettaRep the TT cores, not the dense ``A``/``B`` matrices the cores form (41× fewer
+          at LLaMA-2-7B q,v). The loss's ``rng`` is folded with the device's index, as in
+          :func:`pmap_step`. Needs params and adapter replicated (no ``rules`` that shard them).
+        * ``"compiler"``: one program over the global batch, XLA's partitioner places the sums
+          — where a gradient first becomes batch-independent (LorettaRep: the dense ``A``/``B``
+          gradients, before the TT backward). Dropout bits are drawn for the global batch,
+          equal to one device's.
+        * ``"auto"`` (default): ``"gradients"`` when it applies and the method has no adapter
+          dropout, else ``"compiler"``.
+      gather_at_use: constrain the frozen weights and the adapter to be whole along
+        ``data_axis`` where the loss uses them (``with_sharding_constraint``): FSDP's pattern —
+        each device all-gathers the weights the ``rules`` split over ``data_axis`` and computes
+        on its own rows, so the all-gather is the sharded weights and activations never move.
+        Without it XLA's propagation may instead split the activations like the weights and
+        move the global batch's activations (benchmarks/collectives.py: at LLaMA-2-7B, batch
+        8 × 128, 14.1 GB of mixed collectives whose activation terms grow with the batch, vs
+        27.0 GB of weights that do not). Splits over other mesh axes (tensor parallelism)
+        stay. ``None`` (default): on when ``rules`` split a frozen weight over ``data_axis``.
 
     Returns:
       :class:`MeshStep` ``(step, params_sharding, state_sharding, batch_sharding)`` with helpers
@@ -417,12 +489,30 @@ def mesh_step(
     batch_sharding = named(P(data_axis))
     replicated = named(P())
 
+    replicated_specs = all(not tuple(s) for s in jax.tree.leaves((p_specs, a_specs), is_leaf=is_spec))
+    reduce = _reduction(reduce, replicated_specs, method)
+    if gather_at_use is None:
+        gather_at_use = any(_uses_axis(s, data_axis) for s in jax.tree.leaves(p_specs, is_leaf=is_spec))
+    if gather_at_use:
+        loss = _gathered_at_use(loss, mesh, p_specs, a_specs, data_axis)
+
     def constrain(micro):
         return jax.lax.with_sharding_constraint(micro, named(P(None, data_axis)))
 
+    def local_gradients(adapter, params, batch, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(data_axis))
+        value, grads = _value_and_grad(loss, adapter, params, batch, key, accumulate)
+        return jax.lax.pmean(value, data_axis), jax.lax.pmean(grads, data_axis)
+
+    per_device = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), P(), P(data_axis), P()),
+                               out_specs=(P(), P()), axis_names={data_axis}, check_vma=False)
+
     def step(state: TrainState, params, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        value, grads = _value_and_grad(loss, state.adapter, params, batch, key, accumulate, constrain)
+        if reduce == "gradients":
+            value, grads = per_device(state.adapter, params, batch, key)
+        else:
+            value, grads = _value_and_grad(loss, state.adapter, params, batch, key, accumulate, constrain)
         return _update(optimizer, state, grads), value
 
     jitted = jax.jit(
