@@ -164,7 +164,7 @@ def _llama_model(scanned: bool):
 
     from scan_llama import ScannedLlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA2_7B)
+    config = LlamaConfig(**dict(LLAMA2_7B, num_hidden_layers=int(os.environ.get("MEMORY_LAYERS", "32"))))
     if scanned:
         model = ScannedLlamaForCausalLM(config)
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
@@ -290,8 +290,12 @@ def main() -> None:
                         help="scanned: the layers under nn.scan (benchmarks/scan_llama.py), 4-bit values "
                              "packed two to a byte; scanned-unpacked: the same with uint4 values; "
                              "unrolled: transformers' FlaxLlamaForCausalLM with each layer remat'ed")
+    parser.add_argument("--layers", type=int, default=32,
+                        help="llama2-7b: this many of its layers (the per-layer costs, e.g. NF4 against int8, "
+                             "in less time)")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # run one case here (the child)
     args = parser.parse_args()
+    os.environ["MEMORY_LAYERS"] = str(args.layers)  # read by the child processes
     if args.case:
         print("RESULT " + json.dumps(case(*args.case)), flush=True)
         return

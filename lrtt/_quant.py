@@ -267,6 +267,57 @@ def dequantize(params: Any, dtype: Any = None) -> Any:
 
 
 def dequantize_leaf(leaf: Any, dtype: Any = None) -> jax.Array:
-    """One quantized leaf as the float array it stands for (``dtype``: default its scales')."""
-    dense = _qwix().dequantize(unpacked(leaf))
+    """One quantized leaf as the float array it stands for (``dtype``: default its scales').
+
+    NF4 codes are decoded by a select tree over their 4 bits (:func:`_nf4_values`), then scaled
+    per block: the values of ``qwix.dequantize``, bit for bit, without its per-element ``vmap``
+    of an indexing (a gather, ~1.8× int8's convert on XLA's CPU backend; the 7B step was 1.65×
+    int8's, benchmarks/memory.py). Other formats: ``qwix.dequantize``.
+    """
+    array = unpacked(leaf)
+    if getattr(array, "qtype", None) == "nf4" and getattr(array, "zero_point", None) is None:
+        dense = _blockwise_scaled(_nf4_values(array.qvalue).astype(array.scale.dtype), array.scale)
+    else:
+        dense = _qwix().dequantize(array)
     return dense if dtype is None else dense.astype(dtype)
+
+
+# QLoRA's NF4 values (Dettmers et al. 2023, appendix E), index = the 4-bit code qwix stores;
+# tests/test_quant.py checks the dequantized values against qwix.dequantize bit for bit.
+NF4_CODE_BOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+
+def _nf4_values(codes: jax.Array) -> jax.Array:
+    """float32 NF4 values of 4-bit ``codes``: ``NF4_CODE_BOOK[codes]`` as 15 elementwise selects
+    (one per node of the binary tree over the code's bits, low bit first). Elementwise, so XLA
+    fuses it with the scaling and the conversion into the matmul's input: no index array, no gather.
+
+    >>> import jax.numpy as jnp
+    >>> _nf4_values(jnp.arange(16, dtype=jnp.uint8)).tolist() == [jnp.float32(v).item() for v in NF4_CODE_BOOK]
+    True
+    """
+    bits = codes.astype(jnp.uint8)
+    level = [jnp.float32(v) for v in NF4_CODE_BOOK]
+    for bit in range(4):
+        high = ((bits >> bit) & 1).astype(bool)
+        level = [jnp.where(high, odd, even) for even, odd in zip(level[0::2], level[1::2])]
+    return level[0]
+
+
+def _blockwise_scaled(values: jax.Array, scale: jax.Array) -> jax.Array:
+    """``values * scale`` where each axis of ``scale`` is 1, equal to ``values``' or a divisor of
+    it (one scale per block of ``n / s`` consecutive entries), as qwix stores block scales."""
+    v_shape, s_shape = [], []
+    for n, s in zip(values.shape, scale.shape):
+        if s in (1, n):
+            v_shape.append(n)
+            s_shape.append(s)
+        else:
+            v_shape += [s, n // s]
+            s_shape += [s, 1]
+    return (values.reshape(v_shape) * scale.reshape(s_shape)).reshape(values.shape)

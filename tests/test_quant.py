@@ -37,6 +37,21 @@ def test_quantize_then_dequantize_is_within_the_format_bound(qtype, block_size):
     assert err.max() > 0  # it did quantize
 
 
+@pytest.mark.parametrize("block_size", [16, None])
+@pytest.mark.parametrize("packed", [False, True])
+def test_nf4_dequantization_equals_qwix_bit_for_bit(block_size, packed):
+    """lrtt looks NF4 codes up itself (one take over the array, then the block scales): the values
+    must be qwix.dequantize's exactly, stacked axes, block scales and packed values included."""
+    from lrtt._quant import NF4_CODE_BOOK, dequantize_leaf, unpacked
+    from qwix._src.core import numerics
+
+    assert np.array_equal(np.asarray(numerics.get_nf4_buckets(), np.float32), np.float32(NF4_CODE_BOOK))
+    w = jax.random.normal(jax.random.key(0), (3, 64, 24))
+    q = lrtt.quantize({"w": w}, "w", qtype="nf4", block_size=block_size, packed=packed,
+                      layouts={"w": "layer in out"})["w"]
+    assert np.array_equal(np.asarray(dequantize_leaf(q)), np.asarray(qwix.dequantize(unpacked(q))))
+
+
 def test_quantize_refuses_a_block_size_that_does_not_divide_and_an_unknown_format():
     params = {"w": jnp.ones((48, 8))}
     with pytest.raises(ValueError, match=r"cannot quantize 'w' of shape \(48, 8\) in blocks of 64"):
