@@ -295,10 +295,10 @@ def main() -> None:
                              "in less time)")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # run one case here (the child)
     args = parser.parse_args()
-    os.environ["MEMORY_LAYERS"] = str(args.layers)  # read by the child processes
     if args.case:
         print("RESULT " + json.dumps(case(*args.case)), flush=True)
         return
+    os.environ["MEMORY_LAYERS"] = str(args.layers)  # read by the child processes (a child keeps it)
     print("| model | layers | base | base GiB | adapter+opt MiB | XLA temp GiB | runtime GiB | peak RSS GiB "
           "| peak / target | compile s | step s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
