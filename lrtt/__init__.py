@@ -32,6 +32,7 @@ from lrtt._factored import (
     factored as factored,
     wrap as wrap,
 )
+from lrtt._errors import Error as Error
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
 from lrtt._quant import dequantize as dequantize, load_quantized as load_quantized, quantize as quantize
 from lrtt._stack import AdapterStack as AdapterStack, member as member, set_member as set_member, stack as stack
@@ -78,6 +79,7 @@ __all__ = [
     "CheckpointPathError",
     "CheckpointWriteError",
     "Discovery",
+    "Error",
     "ExportError",
     "ExportTarget",
     "ForeignCheckpointError",

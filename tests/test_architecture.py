@@ -52,7 +52,7 @@ def test_import_lrtt_loads_no_application_module():
 # The library's layers, lowest first: a unit imports only from units of lower layers (or itself).
 # A unit is a top-level module (``_paths``) or a package (``methods``: all its modules).
 LAYERS = (
-    {"_paths", "_jaxpr", "_extras", "_families", "tt"},
+    {"_paths", "_jaxpr", "_extras", "_families", "_errors", "tt"},
     {"_discover", "_adapter"},
     {"_targets"},
     {"_quant"},

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import jax
 import numpy as np
 
+from lrtt import Error
 from lrtt.cli import _signals
 from lrtt.cli._config import ConfigError
 from lrtt.cli._rundir import RunDirectoryError, RunLockedError, locked, remove_if_untouched
@@ -51,7 +52,7 @@ class Cluster:
         return self.index == 0
 
 
-class PrimaryError(RuntimeError):
+class PrimaryError(Error, RuntimeError):
     """Process 0 failed at a step only it performs; the other processes stop with its message."""
 
 

@@ -50,6 +50,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from lrtt import Error
+
 MODELS = ("minilm", "smollm2")
 MODEL_KEYS = ("path", "dtype")  # `model: {path: DIR, dtype: ...}`: a checkpoint directory (lrtt.models.load)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -132,7 +134,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(Error, ValueError):
     """A config file or override that does not fit the schema."""
 
 

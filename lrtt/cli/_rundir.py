@@ -18,10 +18,12 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from lrtt import Error
+
 LOCK = ".lock"
 
 
-class RunLockedError(OSError):
+class RunLockedError(Error, OSError):
     """Another process is training in this run directory."""
 
 
@@ -86,7 +88,7 @@ MARKER_FORMAT = "lrtt-run"
 CONFIG_FORMAT = "lrtt-run-config"
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(Error, ValueError):
     """``output.dir`` holds files that lrtt did not write (no run marker), or a damaged marker."""
 
 

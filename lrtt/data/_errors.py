@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from lrtt._errors import Error
+
 ON_BAD_ROW = ("error", "skip")
 
 _FIX = (
@@ -12,7 +14,7 @@ _FIX = (
 )
 
 
-class BadRowError(ValueError):
+class BadRowError(Error, ValueError):
     """A row that cannot become a training example.
 
     ``str(err)`` is ``"<file>:<line>: <what is wrong>. <how to fix it>"``; the parts are the

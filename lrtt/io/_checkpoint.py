@@ -74,17 +74,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lrtt._adapter import entries, is_entry
+from lrtt._errors import Error
 from lrtt._paths import named_leaves, nest
 
 FORMAT = "lrtt-adapter-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(Error, ValueError):
     """The checkpoint was written for another method, rank, TT shape, target set or model."""
 
 
-class CheckpointCorruptError(ValueError):
+class CheckpointCorruptError(Error, ValueError):
     """A committed checkpoint step cannot be read back intact.
 
     Attributes:
@@ -98,27 +99,27 @@ class CheckpointCorruptError(ValueError):
         self.earlier = tuple(earlier)
 
 
-class ForeignCheckpointError(ValueError):
+class ForeignCheckpointError(Error, ValueError):
     """The directory holds Orbax checkpoint steps that lrtt.CheckpointManager did not write."""
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(Error, ValueError):
     """Arrays that must be finite (an adapter, its optimizer state, PEFT factors) hold NaN or inf."""
 
 
-class CheckpointDirectoryError(NotADirectoryError):
+class CheckpointDirectoryError(Error, NotADirectoryError):
     """The checkpoint directory's path is a file (or lies under one)."""
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(Error, FileNotFoundError):
     """No checkpoint directory (``create=False``), or no committed step in it."""
 
 
-class CheckpointPathError(ValueError):
+class CheckpointPathError(Error, ValueError):
     """The checkpoint directory's path holds a character Orbax cannot save under (refused up front)."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(Error, OSError):
     """A checkpoint step could not be written: disk full, read-only filesystem, no permission, ...
 
     Raised by ``save`` (a synchronous failure, or the pre-check: not enough free space), or by

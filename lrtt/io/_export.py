@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lrtt._errors import Error
 from lrtt._extras import needs_extra
 from lrtt._merge import merge
 from lrtt._paths import named_leaves, nest
@@ -45,7 +46,7 @@ _FIX_MOVE = "choose another path (lrtt export --out), or move {} away"
 _FIX_OVERWRITE = "pass overwrite=True (lrtt export --overwrite) to replace it, or choose another path (lrtt export --out)"
 
 
-class ExportError(OSError):
+class ExportError(Error, OSError):
     """A merged export that could not be written, did not read back as written, or whose target
     holds something :func:`export_merged` may not replace."""
 

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from lrtt._errors import Error
 from lrtt import _families
 from lrtt._adapter import LoraFactors, Trainable, TTFactors, entries
 from lrtt._extras import needs_extra
@@ -33,7 +34,7 @@ from lrtt.io import _hf_names as names
 from lrtt.io._checkpoint import NonFiniteError, non_finite
 from lrtt.methods._lora import LoRA
 
-class PeftFileError(ValueError):
+class PeftFileError(Error, ValueError):
     """A file of a PEFT adapter directory does not read: truncated safetensors, invalid JSON."""
 
 

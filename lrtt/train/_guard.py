@@ -21,10 +21,12 @@ import jax
 import numpy as np
 import optax
 
+from lrtt._errors import Error
+
 NO_LIMIT = int(np.iinfo(np.int32).max)
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(Error, FloatingPointError):
     """Training produced a non-finite loss or update (the step was not applied)."""
 
 
