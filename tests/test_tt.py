@@ -15,7 +15,7 @@ from lrtt.tt._core import (
     core_shapes,
     init_gaussian,
     materialize,
-    num_params,
+    num_core_params,
     preset_dims,
     resolve_dims,
     tt_ranks,
@@ -74,10 +74,10 @@ def test_ranks_and_core_shapes():
 
 
 @pytest.mark.parametrize("dims,rank", [([8, 8, 12, 8, 8], 5), ([4, 6, 5], 3), ([9], 2)])
-def test_num_params_is_sum_of_core_sizes(dims, rank):
+def test_num_core_params_is_sum_of_core_sizes(dims, rank):
     cores = _random_cores(0, dims, rank)
-    assert num_params(dims, rank) == sum(c.size for c in cores)
-    assert num_params([8, 8, 12, 8, 8], 5) == 780
+    assert num_core_params(dims, rank) == sum(c.size for c in cores)
+    assert num_core_params([8, 8, 12, 8, 8], 5) == 780
 
 
 # ---------------------------------------------------------------- validation
@@ -285,3 +285,10 @@ def test_init_gaussian_dtype_keys_and_validation():
     np.testing.assert_allclose(materialize((single,), 2, 3).reshape(-1), single.reshape(-1))
     with pytest.raises(ValueError, match="has product 120"):
         init_gaussian(jax.random.key(0), (4, 6, 5), 3, n_in=12, n_out=12)
+
+
+def test_the_old_name_of_num_core_params_says_the_new_one():
+    import lrtt.tt
+
+    with pytest.raises(AttributeError, match=r"lrtt.tt.num_params was renamed lrtt.tt.num_core_params"):
+        lrtt.tt.num_params

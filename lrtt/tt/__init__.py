@@ -10,7 +10,7 @@ from lrtt.tt._core import (
     core_shapes as core_shapes,
     init_gaussian as init_gaussian,
     materialize as materialize,
-    num_params as num_params,
+    num_core_params as num_core_params,
     preset_dims as preset_dims,
     resolve_dims as resolve_dims,
     tt_ranks as tt_ranks,
@@ -27,10 +27,22 @@ __all__ = [
     "core_shapes",
     "init_gaussian",
     "materialize",
-    "num_params",
+    "num_core_params",
     "preset_dims",
     "resolve_dims",
     "tt_ranks",
     "tt_svd",
     "validate",
 ]
+
+
+_RENAMED = {"num_params": "num_core_params"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        raise AttributeError(
+            f"lrtt.tt.{name} was renamed lrtt.tt.{_RENAMED[name]} (the numbers a tensor train's cores hold, "
+            f"from its shape); lrtt.num_params counts the leaves of a tree. Use lrtt.tt.{_RENAMED[name]}."
+        )
+    raise AttributeError(f"module 'lrtt.tt' has no attribute {name!r}")

@@ -129,10 +129,11 @@ def core_shapes(dims, tt_rank) -> tuple[tuple[int, int, int], ...]:
     return tuple(zip(ranks[:-1], (int(k) for k in dims), ranks[1:]))
 
 
-def num_params(dims, tt_rank) -> int:
-    """Number of TT parameters ``sum_i r_{i-1} k_i r_i``.
+def num_core_params(dims, tt_rank) -> int:
+    """Number of numbers a tensor train's cores hold, ``sum_i r_{i-1} k_i r_i``, from its shape
+    alone (``lrtt.num_params`` counts the leaves of a tree).
 
-    >>> num_params([8, 8, 12, 8, 8], 5)
+    >>> num_core_params([8, 8, 12, 8, 8], 5)
     780
     """
     return sum(math.prod(s) for s in core_shapes(dims, tt_rank))
