@@ -127,8 +127,9 @@ def quantize(
       The tree with ``qwix.QArray`` leaves at the targets.
 
     Raises:
-      ValueError: an unknown ``qtype``, no leaf matched, or an input axis that ``block_size``
-        does not divide (the message names the leaf).
+      ValueError: an unknown ``qtype``, no leaf matched, an input axis that ``block_size``
+        does not divide, or (``packed=True``, 4-bit formats) a kernel whose last axis is odd,
+        so its values cannot go two to a byte (each message names the leaf).
 
     Example:
       >>> import jax, jax.numpy as jnp, lrtt

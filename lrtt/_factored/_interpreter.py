@@ -2,7 +2,7 @@
 
 :func:`factored` traces the function with dense placeholders (``jax.make_jaxpr``) and evaluates
 the jaxpr with an interpreter in which each adapted leaf stays symbolic (a
-:class:`lrtt._adapted.View`). The rules of :data:`RULES`, one per primitive name, carry a view
+:class:`lrtt._factored._adapted.View`). The rules of :data:`RULES`, one per primitive name, carry a view
 through the structural primitives models apply to their kernels and rewrite each
 ``dot_general`` that consumes one:
 

@@ -5,7 +5,7 @@
 VJP. Two layouts matter on XLA CPU (measured on GPT-2-small layers, see docs/factored.md):
 
 * a skinny product is several times faster when its long side is the *last* axis of the result
-  (DESIGN.md §7): the VJP forms ``dB = tᵀ·g: (r, n)`` and ``dAᵀ = gtᵀ·x: (r, k)``, the latter
+  (docs/factored.md, "What was changed to get here"): the VJP forms ``dB = tᵀ·g: (r, n)`` and ``dAᵀ = gtᵀ·x: (r, k)``, the latter
   behind an ``optimization_barrier`` so that XLA cannot fold the small transpose back into the
   product (which would bring back the slow ``(k, r)`` orientation);
 * for ``r <= UNROLL_MAX_RANK`` the rank-``r`` products ``t @ b: (m, n)`` (forward) and

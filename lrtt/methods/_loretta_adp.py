@@ -25,7 +25,7 @@ from lrtt.tt import _core as _tt
 
 ADP_INITS = ("identity", "gaussian")
 
-# Reference placement (DESIGN §1.4): each family's adp_after / adp_before (lrtt._families).
+# The LoRETTA reference placement (yifanycc/loretta: after attention and after the MLP): each family's adp_after / adp_before (lrtt._families).
 ADP_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     position: {"loretta": _families.adp_placement(position)} for position in ("after", "before")
 }
