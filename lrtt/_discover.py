@@ -36,10 +36,9 @@ import os
 from typing import Any, Callable, Iterable
 
 import jax
-import numpy as np
 from jax.extend import core as jcore
 
-from lrtt._jaxpr import reshape_groups, scan_counts
+from lrtt._jaxpr import is_array, is_jaxpr, open_jaxpr, placeholder, reshape_groups, scan_counts
 from lrtt._paths import exact_patterns, path_str
 
 __all__ = ["Discovery", "LeafInfo", "LeafUse", "discover"]
@@ -283,11 +282,7 @@ _SUB_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
 def _open(jaxpr) -> jcore.Jaxpr:
-    return jaxpr.jaxpr if isinstance(jaxpr, jcore.ClosedJaxpr) else jaxpr
-
-
-def _is_jaxpr(x) -> bool:
-    return isinstance(x, (jcore.Jaxpr, jcore.ClosedJaxpr))
+    return open_jaxpr(jaxpr)[0]
 
 
 def _where(eqn) -> str:
@@ -366,7 +361,7 @@ class _Walker:
             return self.while_(eqn, vin, min_)
         if name == "cond":
             return self.cond(eqn, vin, min_)
-        sub = next((eqn.params[k] for k in _SUB_KEYS if _is_jaxpr(eqn.params.get(k))), None)
+        sub = next((eqn.params[k] for k in _SUB_KEYS if is_jaxpr(eqn.params.get(k))), None)
         if sub is not None and len(_open(sub).invars) == len(eqn.invars) and len(_open(sub).outvars) == n_out:
             # jit, checkpoint, custom_jvp/vjp and other calls: operands map onto the body's inputs
             return self.walk(sub, vin, min_)
@@ -532,20 +527,6 @@ def _role(uses: list[LeafUse]) -> tuple[str, str | None]:
 
 
 # --- the entry point -------------------------------------------------------------------------------
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-
-
-def _placeholder(x) -> jax.ShapeDtypeStruct:
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False))
-    if isinstance(x, jax.Array):
-        aval = jax.typeof(x) if hasattr(jax, "typeof") else x.aval
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
-    x = np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
 def discover(fn: Callable, params: Any, *example_args: Any, **example_kwargs: Any) -> Discovery:
     """Reads the role and the kernel layout of every leaf of ``params`` off ``fn`` itself.
 
@@ -595,7 +576,7 @@ def discover(fn: Callable, params: Any, *example_args: Any, **example_kwargs: An
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     names, leaves = [], []
     for kp, leaf in flat:
-        if _is_array(leaf):
+        if is_array(leaf, abstract=True):
             names.append(path_str(kp))
             leaves.append(leaf)
     if not leaves:
@@ -605,9 +586,9 @@ def discover(fn: Callable, params: Any, *example_args: Any, **example_kwargs: An
             "jax.ShapeDtypeStruct) as the first argument after fn, and the model inputs after it.")
     p_flat, p_def = jax.tree_util.tree_flatten(params)
     a_flat, a_def = jax.tree_util.tree_flatten((example_args, example_kwargs))
-    p_dyn = [_is_array(x) for x in p_flat]
-    a_dyn = [_is_array(x) for x in a_flat]
-    placeholders = [_placeholder(x) for x, d in zip(p_flat + a_flat, p_dyn + a_dyn) if d]
+    p_dyn = [is_array(x, abstract=True) for x in p_flat]
+    a_dyn = [is_array(x, abstract=True) for x in a_flat]
+    placeholders = [placeholder(x) for x, d in zip(p_flat + a_flat, p_dyn + a_dyn) if d]
 
     def flat_fn(*values):
         it = iter(values)
@@ -620,7 +601,7 @@ def discover(fn: Callable, params: Any, *example_args: Any, **example_kwargs: An
         closed = jax.make_jaxpr(flat_fn)(*placeholders)
     except Exception as err:
         shapes = jax.tree_util.tree_map(
-            lambda x: f"{tuple(x.shape)} {x.dtype}" if _is_array(x) else repr(x), (example_args, example_kwargs))
+            lambda x: f"{tuple(x.shape)} {x.dtype}" if is_array(x, abstract=True) else repr(x), (example_args, example_kwargs))
         err.add_note(
             "lrtt.discover: tracing fn(params, *example_args, **example_kwargs) failed; the example "
             f"inputs must match what fn expects (got args/kwargs {shapes}).")

@@ -24,11 +24,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 
 from lrtt._factored._adapted import AdaptedLeaf, View
 from lrtt._factored._rules import RULES, _bind
+from lrtt._jaxpr import is_array, placeholder
 
 UNSUPPORTED = (
     "lrtt.factored: {where} received the adapted leaf {path!r} (dense shape "
@@ -107,10 +107,6 @@ class _Interpreter:
 
 
 # --- the transform -------------------------------------------------------------------------------
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
 def _aval_key(x) -> tuple:
     aval = jax.typeof(x)
     return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
@@ -166,7 +162,7 @@ def factored(fn: Callable | None = None, *, materialize: bool = False) -> Callab
             if _is_adapted(leaf):
                 dynamic.append(leaf)
                 key.append(("array", tuple(leaf.shape), str(jnp.dtype(leaf.dtype)), False))
-            elif _is_array(leaf):
+            elif is_array(leaf):
                 dynamic.append(leaf)
                 key.append(("array",) + _aval_key(leaf))
             else:
@@ -200,9 +196,8 @@ def _trace(fn, leaves, treedef, dynamic):
         if _is_adapted(leaf):
             placeholders.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
         else:
-            aval = jax.typeof(leaf)
-            placeholders.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False)))
-    is_dynamic = [_is_adapted(leaf) or _is_array(leaf) for leaf in leaves]
+            placeholders.append(placeholder(leaf))
+    is_dynamic = [_is_adapted(leaf) or is_array(leaf) for leaf in leaves]
 
     def flat_fn(*values):
         it = iter(values)

@@ -10,19 +10,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core as jcore
 
 from lrtt._factored._adapted import IN, OUT, STACK, View
 from lrtt._factored._lowrank import DotPlan, adapter_after, adapter_before, low_rank_branch
-from lrtt._jaxpr import reshape_groups, scan_counts
+from lrtt._jaxpr import open_jaxpr, reshape_groups, scan_counts
 from lrtt._paths import is_quantized
 from lrtt._quant import dequantize_leaf, unpacked
-
-
-def _open(jaxpr) -> tuple[jcore.Jaxpr, tuple]:
-    if isinstance(jaxpr, jcore.ClosedJaxpr):
-        return jaxpr.jaxpr, tuple(jaxpr.consts)
-    return jaxpr, ()
 
 
 def _bind(eqn, invals: list) -> list:
@@ -301,12 +294,12 @@ def _gather(ctx, eqn, invals):
 # cross its boundary as their arrays (``_flatten``), in and out, and are rebuilt on the other
 # side, so a body may return an adapted leaf (``nnx.remat``/``nnx.scan`` return module state).
 def _jit(ctx, eqn, invals):
-    jaxpr, consts = _open(eqn.params["jaxpr"])
+    jaxpr, consts = open_jaxpr(eqn.params["jaxpr"])
     return ctx.eval(jaxpr, consts, invals)
 
 
 def _remat(ctx, eqn, invals):
-    jaxpr, consts = _open(eqn.params["jaxpr"])
+    jaxpr, consts = open_jaxpr(eqn.params["jaxpr"])
     flat, unflatten = _flatten(invals)
     rebuild = []
 
@@ -328,7 +321,7 @@ def _cond(ctx, eqn, invals):
     forms, rebuild = [], []
 
     def branch(closed, dense, *flat):
-        jaxpr, consts = _open(closed)
+        jaxpr, consts = open_jaxpr(closed)
         outs = ctx.eval(jaxpr, consts, unflatten(flat))
         if dense:  # the branches return different views: dense outputs (materialize) or an error
             return ctx.outputs(outs, "cond branch (the branches return different adapted leaves)")
@@ -358,7 +351,7 @@ def _scan(ctx, eqn, invals):
     for x in xs:
         if isinstance(x, View) and x.kinds[0] != STACK:
             return ctx.unsupported(eqn, invals, f" scanned over its axis 0, which is not a stack axis (axes {x.kinds})")
-    jaxpr, jconsts = _open(p["jaxpr"])
+    jaxpr, jconsts = open_jaxpr(p["jaxpr"])
     carry_vars = jaxpr.invars[n_consts:n_consts + n_carry]
     init = [v if isinstance(v, (jax.Array, View)) else jnp.asarray(v, var.aval.dtype) for v, var in zip(init, carry_vars)]
     const_flat, const_unflatten = _flatten(consts)
