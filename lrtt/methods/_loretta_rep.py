@@ -60,6 +60,10 @@ class LorettaRep(Method):
     ``(t_{i-1}, k_i, t_i)`` of TT rank ``t``; it trains ``Σ t_{i-1} k_i t_i`` numbers instead of
     ``in·r``.
 
+    Train it at about 3× LoRA's learning rate: a step moves ``ΔW`` through a product of cores,
+    so the same AdamW step size moves it less (SmolLM2-135M, r = 8: best 1e-2 against LoRA's 3e-3;
+    benchmarks/lm_study.py, docs/results.md).
+
     Args:
       rank: the bottleneck ``r`` of ``ΔW`` (reference 8); ``r <= min(in, out)``.
       alpha: scale numerator (reference 16); scale ``alpha / rank``.
