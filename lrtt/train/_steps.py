@@ -197,6 +197,15 @@ def _value_and_grad(loss, adapter, params, batch, key, accumulate, constrain=lam
     return value / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
 
 
+def _device_mean_value_and_grad(loss, adapter, params, batch, key, accumulate, axis):
+    """Loss and gradients of this device's rows (``key`` folded with the device's index), each
+    averaged over the mapped ``axis``: the data-parallel step of ``pmap_step`` and of
+    ``mesh_step(reduce="gradients")``."""
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+    value, grads = _value_and_grad(loss, adapter, params, batch, key, accumulate)
+    return jax.lax.pmean(value, axis), jax.lax.pmean(grads, axis)
+
+
 def _update(optimizer, state: TrainState, grads) -> TrainState:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.adapter)
     adapter = optax.apply_updates(state.adapter, updates)
@@ -254,10 +263,8 @@ def pmap_step(
     _check_accumulate(accumulate)
 
     def step(state: TrainState, params, batch):
-        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(axis_name))
-        value, grads = _value_and_grad(loss, state.adapter, params, batch, key, accumulate)
-        grads = jax.lax.pmean(grads, axis_name)
-        value = jax.lax.pmean(value, axis_name)
+        key = jax.random.fold_in(state.rng, state.step)
+        value, grads = _device_mean_value_and_grad(loss, state.adapter, params, batch, key, accumulate, axis_name)
         return _update(optimizer, state, grads), value
 
     return jax.pmap(
@@ -446,8 +453,8 @@ def mesh_step(
         * ``"gradients"``: each device takes the gradient of its rows' loss with respect to the
           adapter's own leaves (``jax.shard_map`` over ``data_axis``), then the gradients are
           averaged (``pmean``): the bytes all-reduced are the trainable leaves' — for
-          LorettaRep the TT cores, not the dense ``A``/``B`` matrices the cores form (41× fewer
-          at LLaMA-2-7B q,v). The loss's ``rng`` is folded with the device's index, as in
+          LorettaRep the TT cores, not the dense ``A``/``B`` matrices the cores form (48× fewer
+          at LLaMA-2-7B q,v, benchmarks/collectives.py). The loss's ``rng`` is folded with the device's index, as in
           :func:`pmap_step`. Needs params and adapter replicated (no ``rules`` that shard them).
         * ``"compiler"``: one program over the global batch, XLA's partitioner places the sums
           — where a gradient first becomes batch-independent (LorettaRep: the dense ``A``/``B``
@@ -500,9 +507,7 @@ def mesh_step(
         return jax.lax.with_sharding_constraint(micro, named(P(None, data_axis)))
 
     def local_gradients(adapter, params, batch, key):
-        key = jax.random.fold_in(key, jax.lax.axis_index(data_axis))
-        value, grads = _value_and_grad(loss, adapter, params, batch, key, accumulate)
-        return jax.lax.pmean(value, data_axis), jax.lax.pmean(grads, data_axis)
+        return _device_mean_value_and_grad(loss, adapter, params, batch, key, accumulate, data_axis)
 
     per_device = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), P(), P(data_axis), P()),
                                out_specs=(P(), P()), axis_names={data_axis}, check_vma=False)
