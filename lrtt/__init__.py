@@ -11,11 +11,15 @@ Methods are frozen dataclasses; everything else is a pure function over pytrees:
 from lrtt import io as io, methods as methods, optim as optim, train as train, tt as tt
 from lrtt._adapter import (
     BottleneckAdapter as BottleneckAdapter,
+    Entry as Entry,
     LoraFactors as LoraFactors,
+    NotMergeableError as NotMergeableError,
+    Site as Site,
     Trainable as Trainable,
     TTFactors as TTFactors,
     TTKernel as TTKernel,
     entries as entries,
+    entry as entry,
 )
 from lrtt._combine import combine as combine
 from lrtt._count import (
@@ -34,6 +38,7 @@ from lrtt._factored import (
 )
 from lrtt._errors import Error as Error
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
+from lrtt._resolve import AdapterMismatchError as AdapterMismatchError, Resolved as Resolved, resolve as resolve
 from lrtt._quant import dequantize as dequantize, load_quantized as load_quantized, quantize as quantize
 from lrtt._stack import AdapterStack as AdapterStack, member as member, set_member as set_member, stack as stack
 from lrtt._targets import TARGET_PRESETS as TARGET_PRESETS, Layout as Layout, select as select
@@ -69,6 +74,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLeaf",
     "AdapterLeaf",
+    "AdapterMismatchError",
     "AdapterStack",
     "BottleneckAdapter",
     "CheckpointCorruptError",
@@ -79,6 +85,7 @@ __all__ = [
     "CheckpointPathError",
     "CheckpointWriteError",
     "Discovery",
+    "Entry",
     "Error",
     "ExportError",
     "ExportTarget",
@@ -94,7 +101,10 @@ __all__ = [
     "LowRankLeaf",
     "Method",
     "NonFiniteError",
+    "NotMergeableError",
     "PeftFileError",
+    "Resolved",
+    "Site",
     "TARGET_PRESETS",
     "TTFactors",
     "TTKernel",
@@ -105,6 +115,7 @@ __all__ = [
     "dequantize",
     "discover",
     "entries",
+    "entry",
     "export_merged",
     "factored",
     "inspect_export",
@@ -120,6 +131,7 @@ __all__ = [
     "parameter_table",
     "print_trainable_parameters",
     "quantize",
+    "resolve",
     "save_peft",
     "select",
     "set_member",

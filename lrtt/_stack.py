@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt._adapter import LoraFactors, TTFactors, entries
+from lrtt._adapter import entries
 from lrtt._paths import nest
 from lrtt.methods import LoRA, LorettaRep
 
@@ -49,7 +49,7 @@ jax.tree_util.register_dataclass(AdapterStack, data_fields=["tree"], meta_fields
 
 
 def _kind(entry: Any, path: str) -> type:
-    if isinstance(entry, (LoraFactors, TTFactors)):
+    if entry.low_rank:
         return type(entry)
     raise ValueError(
         f"the adapter entry at {path!r} is a {type(entry).__name__}: a stack holds LoRA and LorettaRep "
@@ -57,42 +57,12 @@ def _kind(entry: Any, path: str) -> type:
         "Drop `trainable=` from the method, or run such adapters one at a time.")
 
 
-def _pad_lora(entry: LoraFactors, rank: int, scale: float) -> LoraFactors:
-    a, b = jnp.asarray(entry.a), jnp.asarray(entry.b)
-    extra = rank - a.shape[-1]
-    if extra:
-        a = jnp.concatenate([a, jnp.zeros((*a.shape[:-1], extra), a.dtype)], axis=-1)
-        b = jnp.concatenate([b, jnp.zeros((*b.shape[:-2], extra, b.shape[-1]), b.dtype)], axis=-2)
-    if scale != entry.scale:  # fold the member's own scale into B: s_k·A·B = scale·A·(s_k/scale·B)
-        b = b * jnp.asarray(entry.scale / scale, b.dtype)
-    return LoraFactors(a, b, scale=scale)
-
-
 def _stack_path(path: str, members: list[Any]) -> Any:
     kinds = {_kind(e, path) for e in members}
     if len(kinds) > 1:
         raise ValueError(f"the adapters hold different entry types at {path!r} ({sorted(k.__name__ for k in kinds)}): "
                          "stack adapters of one method.")
-    if kinds == {LoraFactors}:
-        shapes = {(tuple(e.a.shape[:-1]), tuple(e.b.shape[:-2]), e.b.shape[-1]) for e in members}
-        if len(shapes) > 1:
-            raise ValueError(f"the adapters' factors at {path!r} fit different leaves ({sorted(shapes)}): "
-                             "stack adapters made for one model.")
-        rank = max(e.a.shape[-1] for e in members)
-        scales = {float(e.scale) for e in members}
-        scale = scales.pop() if len(scales) == 1 else 1.0
-        padded = [_pad_lora(e, rank, scale) for e in members]
-        return LoraFactors(jnp.stack([e.a for e in padded]), jnp.stack([e.b for e in padded]), scale=scale)
-    first = members[0]
-    for k, e in enumerate(members):
-        same = (jax.tree.structure(e) == jax.tree.structure(first)
-                and [x.shape for x in jax.tree.leaves(e)] == [x.shape for x in jax.tree.leaves(first)])
-        if not same:
-            raise ValueError(
-                f"adapter {k}'s LorettaRep cores at {path!r} differ from adapter 0's (TT dims, TT rank, rank or "
-                f"scale): {[tuple(x.shape) for x in jax.tree.leaves(e)]} vs "
-                f"{[tuple(x.shape) for x in jax.tree.leaves(first)]}. Stack LorettaRep adapters of one "
-                "configuration, or convert them to LoRA first (lrtt.combine(method, [adapter], [1.0], how='cat')).")
+    members = kinds.pop().aligned(members, path)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
 
@@ -173,12 +143,7 @@ def set_member(stacked: AdapterStack, k: Any, adapter: Any) -> AdapterStack:
         entry = flat[path]
         if _kind(entry, path) is not type(slot):
             raise ValueError(f"the adapter holds a {type(entry).__name__} at {path!r}, the stack {type(slot).__name__}s.")
-        if isinstance(slot, LoraFactors):
-            rank = slot.a.shape[-1]
-            if entry.a.shape[-1] > rank:
-                raise ValueError(f"the adapter's rank at {path!r} is {entry.a.shape[-1]}, more than the stack's {rank}: "
-                                 f"stack(method, adapters) with this adapter among them (the stack pads to the largest rank).")
-            entry = _pad_lora(entry, rank, float(slot.scale))
+        entry = entry.fitted_to(slot, path)
         if jax.tree.structure(entry) != jax.tree.structure(jax.tree.map(lambda x: x[0], slot)) or any(
                 tuple(e.shape) != tuple(s.shape[1:]) for e, s in zip(jax.tree.leaves(entry), jax.tree.leaves(slot))):
             raise ValueError(f"the adapter's factors at {path!r} do not fit the stack's slots "
@@ -212,24 +177,3 @@ def check_ids(adapter_ids: Any, size: int) -> jax.Array:
             raise ValueError(f"adapter_ids holds {int(bad[0])}, outside [-1, {size}): ids index the stack's "
                              f"{size} members, -1 runs a row on the base alone.")
     return ids.astype(jnp.int32)
-
-
-def per_row_factors(entry: Any, ids: jax.Array, n_stack: int):
-    """``(a, b, rows)`` of one stacked entry for a batch: ``a: (*stack, S, in, R)``,
-    ``b: (*stack, S, R, out)`` and ``rows: (batch,)`` (the slot of each row, ``-1``: none).
-
-    The members the batch uses are gathered first — ``S = min(K, batch)`` slots, so the cost of
-    a call does not grow with the stack's size — and, for LorettaRep, each slot's ``A``/``B``
-    formed from its cores once, never per row.
-    """
-    size = jax.tree.leaves(entry)[0].shape[0]
-    n_slots = min(size, ids.shape[0])
-    valid = jnp.maximum(ids, 0)
-    used = jnp.unique(valid, size=n_slots, fill_value=jnp.max(valid))  # sorted, padded with the largest
-    rows = jnp.where(ids < 0, -1, jnp.searchsorted(used, valid).astype(jnp.int32))
-    members = jax.tree.map(lambda x: x[used], entry)
-    if isinstance(members, LoraFactors):
-        a, b = members.a, members.b
-    else:
-        a, b = jax.vmap(lambda e: e.factor_matrices())(members)
-    return jnp.moveaxis(a, 0, n_stack), jnp.moveaxis(b, 0, n_stack), rows

@@ -53,9 +53,11 @@ def test_import_lrtt_loads_no_application_module():
 # A unit is a top-level module (``_paths``) or a package (``methods``: all its modules).
 LAYERS = (
     {"_paths", "_jaxpr", "_extras", "_families", "_errors", "tt"},
-    {"_discover", "_adapter"},
+    {"_discover"},
     {"_targets"},
-    {"_quant"},
+    {"_quant", "_leaves"},
+    {"_adapter"},
+    {"_resolve"},
     {"_merge", "methods"},
     {"_stack"},
     {"_factored", "_count", "optim", "_combine"},

@@ -26,9 +26,10 @@ import numpy as np
 
 from lrtt._errors import Error
 from lrtt import _families
-from lrtt._adapter import LoraFactors, Trainable, TTFactors, entries
+from lrtt._adapter import LoraFactors, Trainable, entries
 from lrtt._extras import needs_extra
 from lrtt._paths import exact_patterns, named_leaves, nest
+from lrtt._resolve import resolve
 from lrtt._targets import Target, first_match, select
 from lrtt.io import _hf_names as names
 from lrtt.io._checkpoint import NonFiniteError, non_finite
@@ -163,7 +164,7 @@ def save_peft(
         raise ValueError(f"`check` must be one of {list(CHECKS)}, got {check!r}.")
     leaves = dict(named_leaves(params))
     family = names.resolve_family(list(leaves), family)
-    low_rank, trained = _savable_entries(method, adapter)
+    low_rank, trained, targets = _savable_entries(method, adapter, params)
     if check == "vllm" and trained:
         raise ValueError(
             f"vLLM does not serve modules_to_save, and the adapter trains {len(trained)} leaf/leaves in full "
@@ -177,10 +178,10 @@ def save_peft(
         tensors, ranks, alphas, candidates = _peft_stacked.save_tensors(method, low_rank, trained, stacked, leaves)
         modules_to_save, tie = [], False
     elif family in names.EINSUM_FAMILIES:  # tunix NNX, gemma package: einsum kernels, fused q/k/v, gate/up
-        tensors, ranks, alphas, candidates = _einsum_tensors(method, low_rank, trained, family, params, leaves)
+        tensors, ranks, alphas, candidates = _einsum_tensors(method, low_rank, trained, family, targets, leaves)
         modules_to_save, tie = [], False
     else:
-        tensors, ranks, alphas = _lora_tensors(method, low_rank, _targets(params, low_rank, method.layouts))
+        tensors, ranks, alphas = _lora_tensors(method, low_rank, targets)
         modules_to_save, saved, tie = _modules_to_save(trained, leaves, family, task_type, set(ranks))
         tensors.update(saved)
         modules = _flax_modules(leaves)
@@ -271,8 +272,8 @@ def _refuse_unnamed(family: str | None, verb: str) -> None:
         raise ValueError(_UNNAMED[family].format(verb=verb))
 
 
-def _einsum_tensors(method: Any, low_rank: dict[str, Any], trained: dict[str, Any], family: str, params: Any,
-                    leaves: dict[str, Any]):
+def _einsum_tensors(method: Any, low_rank: dict[str, Any], trained: dict[str, Any], family: str,
+                    targets: dict[str, Target], leaves: dict[str, Any]):
     """``(tensors, {module: rank}, {module: lora_alpha}, candidate modules)`` of an adapter on a
     google-tunix NNX tree or gemma-package params, under the Hugging Face names
     :func:`lrtt.models.save_tunix` / :func:`lrtt.models.save_gemma` write.
@@ -291,7 +292,6 @@ def _einsum_tensors(method: Any, low_rank: dict[str, Any], trained: dict[str, An
             f"cannot write trainable leaves {sorted(trained)[:3]} of {found.stack} as PEFT modules_to_save "
             "(lrtt maps only their linear kernels to PyTorch modules). Save the LoRA factors alone (method "
             f"without `trainable`), or export the merged model with {saver}.")
-    targets = _targets(params, low_rank, method.layouts)
     shapes = {p: tuple(v.shape) for p, v in leaves.items()}
     candidates = {m for p in leaves for m in (names.einsum_modules(p) or ())}
     tensors: dict[str, np.ndarray] = {}
@@ -341,17 +341,19 @@ def _einsum_tensors(method: Any, low_rank: dict[str, Any], trained: dict[str, An
     return tensors, ranks, alphas, candidates
 
 
-def _savable_entries(method: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``({path: LoraFactors | TTFactors}, {path: trained array})`` of an adapter PEFT can hold.
+def _savable_entries(method: Any, adapter: Any, params: Any):
+    """``({path: low-rank entry}, {path: trained array}, {path: Target})`` of an adapter PEFT can
+    hold, checked against ``params`` (:func:`lrtt.resolve`).
 
     Raises:
       ValueError: a non-mergeable method, an entry of another kind, or no low-rank entry.
+      AdapterMismatchError: the adapter does not fit ``params``.
     """
     if not method.mergeable:
         raise ValueError(NO_PEFT_EQUIVALENT.format(method=type(method).__name__))
     found = entries(adapter)
-    low_rank = {p: e for p, e in found.items() if isinstance(e, (LoraFactors, TTFactors))}
-    trained = {p: e.value for p, e in found.items() if isinstance(e, Trainable)}
+    low_rank = {p: e for p, e in found.items() if e.low_rank}
+    trained = {p: e.value for p, e in found.items() if e.whole_leaf}
     others = sorted(set(found) - set(low_rank) - set(trained))
     if others:
         kinds = sorted({type(found[p]).__name__ for p in others})
@@ -362,7 +364,7 @@ def _savable_entries(method: Any, adapter: Any) -> tuple[dict[str, Any], dict[st
             "the adapter has no LoRA factors to save (PEFT's format needs at least one target). "
             "Pass the adapter returned by method.init(key, params) after training."
         )
-    return low_rank, trained
+    return low_rank, trained, resolve(method, params, adapter).targets
 
 
 def _lora_tensors(method: Any, low_rank: dict[str, Any], targets: dict[str, Target]):

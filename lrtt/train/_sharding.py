@@ -14,7 +14,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lrtt import _families
-from lrtt._adapter import LoraFactors, Trainable, entries, is_entry
+from lrtt._adapter import entries, is_entry
 from lrtt._count import adapter_shapes
 from lrtt._paths import exact_patterns, is_quantized, named_leaves, path_str
 from lrtt._targets import first_match, select
@@ -153,13 +153,6 @@ def _kernel_spec(spec: Any) -> Any:
     return spec
 
 
-def _group_spec(specs: tuple) -> Any:
-    """The spec of a flattened axis group: its first axis's spec if only that one is sharded."""
-    if all(s is None for s in specs[1:]):
-        return specs[0] if specs else None
-    return None  # an inner axis is sharded: not expressible on the flattened axis; replicate
-
-
 def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any = None) -> Any:
     """A ``PartitionSpec`` per adapter leaf, inherited from the kernel each entry adapts.
 
@@ -167,26 +160,18 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
     ``B: (*stack, r, out)`` the stack specs and the out-axis spec (a 2-D ``(in, out)`` kernel
     ``P('x', 'y')`` gives ``A: P('x', None)``, ``B: P(None, 'y')``; GPT-2's ``(out, in)`` Conv1D
     is read through its layout). ``Trainable`` copies its leaf's spec. TT cores and bottleneck
-    adapters are small and replicated.
+    adapters are small and replicated. Each entry type says its own (``Entry.partition_specs``).
     """
     if adapter is None:
         adapter = adapter_shapes(method, params)
     kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
-    layouts = method.layouts
-    low_rank = [p for p, e in entries(adapter).items() if isinstance(e, LoraFactors)]
-    targets = {t.path: t for t in select(params, exact_patterns(low_rank), layouts=layouts, require=False)}
+    on_matrix = [p for p, e in entries(adapter).items() if e.matrix_target]
+    targets = {t.path: t for t in select(params, exact_patterns(on_matrix), layouts=method.layouts, require=False)}
 
     def spec_of(keypath, entry):
         path = path_str(keypath)
-        if isinstance(entry, LoraFactors) and path in targets:
-            layout = targets[path].layout
-            spec = _spec_tuple(_kernel_spec(kernel_specs.get(path)), layout.ndim)
-            stack, ins, outs = (tuple(spec[a] for a in layout.axes(k)) for k in ("layer", "in", "out"))
-            a_spec = P(*stack, _group_spec(ins), None)
-            b_spec = P(*stack, None, _group_spec(outs))
-            return LoraFactors(a_spec, b_spec, scale=entry.scale)
-        if isinstance(entry, Trainable):
-            return Trainable(_kernel_spec(kernel_specs.get(path, P())))
-        return jax.tree.map(lambda _: P(), entry)
+        if entry.matrix_target and path not in targets:
+            return jax.tree.map(lambda _: P(), entry)
+        return entry.partition_specs(_kernel_spec(kernel_specs.get(path)), targets.get(path))
 
     return jax.tree_util.tree_map_with_path(spec_of, adapter, is_leaf=is_entry)

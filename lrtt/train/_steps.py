@@ -30,7 +30,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lrtt._count import adapter_shapes
-from lrtt._factored._adapted import wrap
+from lrtt._factored._wrap import wrap
 from lrtt._factored._interpreter import factored
 from lrtt.train._distributed import is_multiprocess, local_rows, put_global, put_local
 from lrtt.train._guard import skip_nonfinite as guard_nonfinite
