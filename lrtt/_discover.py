@@ -40,6 +40,7 @@ from jax.extend import core as jcore
 
 from lrtt._jaxpr import is_array, is_jaxpr, open_jaxpr, placeholder, reshape_groups, scan_counts
 from lrtt._paths import exact_patterns, path_str
+from lrtt._private import source_summary
 
 __all__ = ["Discovery", "LeafInfo", "LeafUse", "discover"]
 
@@ -288,12 +289,7 @@ def _open(jaxpr) -> jcore.Jaxpr:
 def _where(eqn) -> str:
     shapes = " x ".join(_aval_str(v) for v in eqn.invars)
     text = f"{eqn.primitive.name} {shapes}"
-    try:
-        from jax._src import source_info_util
-
-        src = source_info_util.summarize(eqn.source_info)
-    except Exception:  # noqa: BLE001 - private API, best effort
-        src = ""
+    src = source_summary(eqn.source_info)
     if src and src != "unknown":
         head, _, rest = src.partition(":")
         text = f"{os.path.basename(head)}:{rest}: {text}"
