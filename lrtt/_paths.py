@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
+from lrtt._private import is_qarray, qwix_with_aux
+
 PyTree = Any
 
 
@@ -54,13 +56,13 @@ def is_quantized(x: Any) -> bool:
         return False
     if isinstance(x, qwix.QArray):
         return True
-    ptq = sys.modules.get("qwix._src.providers.ptq")
-    return ptq is not None and isinstance(x, ptq.WithAux) and isinstance(x.array, qwix.QArray)
+    with_aux = qwix_with_aux()
+    return with_aux is not None and isinstance(x, with_aux) and isinstance(x.array, qwix.QArray)
 
 
 def quantized_array(x: Any) -> Any:
     """The ``qwix.QArray`` of a quantized leaf (unwrapping ``qwix.quantize_params``' ``WithAux``)."""
-    return x if type(x).__name__ == "QArray" else x.array
+    return x if is_qarray(x) else x.array
 
 
 def _with_quantized(is_leaf: Callable[[Any], bool] | None) -> Callable[[Any], bool]:

@@ -52,6 +52,7 @@ def test_import_lrtt_loads_no_application_module():
 # The library's layers, lowest first: a unit imports only from units of lower layers (or itself).
 # A unit is a top-level module (``_paths``) or a package (``methods``: all its modules).
 LAYERS = (
+    {"_private"},  # every use of another package's private names, below all that needs one
     {"_paths", "_jaxpr", "_extras", "_families", "_errors", "tt"},
     {"_discover"},
     {"_targets"},
@@ -102,12 +103,13 @@ def test_imports_go_down_the_layers_only():
 
 def test_the_application_uses_the_public_api():
     """``lrtt.cli`` reads the library through its public names (``lrtt.X``, ``lrtt.train.X``, ...);
-    ``lrtt._extras`` (the optional-dependency message) is the one shared private helper."""
+    ``lrtt._extras`` (the optional-dependency message) and ``lrtt._private`` (the one home of
+    other packages' private names) are the shared private helpers."""
     bad = {}
     for path in (ROOT / "cli").rglob("*.py"):
         private = {n for n in _imports(path) if n.startswith("lrtt.") and not n.startswith("lrtt.cli")
                    and any(part.startswith("_") for part in n.split(".")[1:])  # a private module or name
-                   and not n.startswith("lrtt._extras")}
+                   and not n.startswith(("lrtt._extras", "lrtt._private"))}
         if private:
             bad[str(path.relative_to(ROOT))] = sorted(private)
     assert not bad, f"the CLI imports private library modules: {bad}"

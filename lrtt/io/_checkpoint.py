@@ -76,6 +76,7 @@ import orbax.checkpoint as ocp
 from lrtt._adapter import entries, is_entry
 from lrtt._errors import Error
 from lrtt._paths import named_leaves, nest
+from lrtt._private import orbax_inner_checkpointer
 
 FORMAT = "lrtt-adapter-checkpoint"
 FORMAT_VERSION = 1
@@ -784,7 +785,7 @@ class CheckpointManager:
         background; their failure (the same one) would otherwise surface from a later call,
         even a restore, and they must not write into a temporary directory being removed.
         """
-        checkpointer = getattr(self._manager, "_checkpointer", None)  # Orbax's AsyncCheckpointer
+        checkpointer = orbax_inner_checkpointer(self._manager)
         for wait in (self._manager.wait_until_finished, getattr(checkpointer, "wait_until_finished", None)):
             try:
                 if wait is not None:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrtt._private import is_qwix_leaf
 from lrtt.models._config import DecoderConfig, Rope
 
 _NEG = -1e30
@@ -91,7 +92,7 @@ def init_params(c: DecoderConfig, key: Any, dtype: Any = jnp.float32, std: float
 
 def _dense(leaf: Any) -> jax.Array:
     """A param leaf as float32 (a quantized kernel is dequantized here, one layer at a time)."""
-    if type(leaf).__name__ in ("QArray", "WithAux"):
+    if is_qwix_leaf(leaf):
         import lrtt
 
         leaf = lrtt.dequantize(leaf)

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lrtt._private import is_qwix_leaf
 from lrtt.models._safetensors import write_sharded
 
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -40,7 +41,7 @@ def torch_names(params: Any, *, tie_word_embeddings: bool = False) -> list[tuple
     for path, leaf in _flatten(params):
         if tie_word_embeddings and path[0] == "lm_head":
             continue
-        if type(leaf).__name__ in ("QArray", "WithAux") or not hasattr(leaf, "shape"):
+        if is_qwix_leaf(leaf) or not hasattr(leaf, "shape"):
             raise ValueError(f"{'/'.join(path)!r} is a {type(leaf).__name__}, not a float array: merge with "
                              "dtype= or lrtt.dequantize(params) first.")
         last, transpose = path[-1], False

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lrtt._private import is_qwix_leaf
 from lrtt.models import _names
 from lrtt.models._load import _paths
 from lrtt.models._model import Model
@@ -49,8 +50,8 @@ def save(out_dir: str | os.PathLike, model: Model, params: Any, max_shard_size: 
         shape than the config's, or a missing leaf.
     """
     c = model.config
-    leaves = dict(_paths(params, is_leaf=lambda x: type(x).__name__ in ("QArray", "WithAux")))
-    quantized = sorted(p for p, v in leaves.items() if type(v).__name__ in ("QArray", "WithAux"))
+    leaves = dict(_paths(params, is_leaf=is_qwix_leaf))
+    quantized = sorted(p for p, v in leaves.items() if is_qwix_leaf(v))
     if quantized:
         raise ValueError(f"lrtt.models.save writes float tensors; {quantized[:3]} are quantized. Pass "
                          "lrtt.merge(method, params, adapter, dtype=jnp.bfloat16) or lrtt.dequantize(params).")

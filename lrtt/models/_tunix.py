@@ -42,6 +42,7 @@ import numpy as np
 
 from lrtt import _families
 from lrtt._paths import is_quantized, named_leaves
+from lrtt._private import is_gemma_transformer_config
 from lrtt.models import _names
 from lrtt.models._config import parse_config
 from lrtt.models._model import Model
@@ -128,7 +129,7 @@ def _gemma_config(model_or_config: Any) -> Any:
     config = model_or_config
     if type(config).__name__ != "TransformerConfig" and hasattr(config, "config"):
         config = config.config
-    if type(config).__module__ == "gemma.gm.nn._config" and type(config).__name__ == "TransformerConfig":
+    if is_gemma_transformer_config(config):
         return config
     raise ValueError(f"save_gemma writes the gemma package's gm.nn.Transformer (Gemma 1, 2, 3 text: the model or its "
                      f"gm.nn.config.TransformerConfig); got {_what(model_or_config)}. Gemma 3n and Gemma 4 have no "

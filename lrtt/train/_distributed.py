@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrtt._paths import path_str
+from lrtt._private import coordinator_address
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -95,11 +96,7 @@ def _check_settings(address: str | None, num_processes: int | None, process_id: 
 
 def _already(wanted: Distributed) -> Distributed:
     """The job this process joined earlier, if it is ``wanted``; ValueError otherwise."""
-    from jax._src import distributed as _state  # the coordinator address is kept only there
-
-    joined = Distributed(
-        getattr(_state.global_state, "coordinator_address", None), jax.process_count(), jax.process_index()
-    )
+    joined = Distributed(coordinator_address(), jax.process_count(), jax.process_index())
     same = (joined.num_processes, joined.process_id) == (wanted.num_processes, wanted.process_id)
     if not same or (joined.coordinator_address not in (None, wanted.coordinator_address)):
         raise ValueError(
