@@ -57,98 +57,59 @@ since the arrays are stored whole, by index, and the fingerprints do not depend 
 
 from __future__ import annotations
 
-import dataclasses
 import errno as errno_lib
-import fnmatch
-import json
 import os
-import re
 import shutil
 import time
 import warnings
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from lrtt._adapter import entries, is_entry
-from lrtt._errors import Error
 from lrtt._paths import named_leaves, nest
-
-FORMAT = "lrtt-adapter-checkpoint"
-FORMAT_VERSION = 1
-
-
-class CheckpointMismatchError(Error, ValueError):
-    """The checkpoint was written for another method, rank, TT shape, target set or model."""
-
-
-class CheckpointCorruptError(Error, ValueError):
-    """A committed checkpoint step cannot be read back intact.
-
-    Attributes:
-      step: the damaged step (None when the error does not name one).
-      earlier: the committed steps before it, oldest first (the candidates to restore instead).
-    """
-
-    def __init__(self, message: str, *, step: int | None = None, earlier: tuple[int, ...] = ()):
-        super().__init__(message)
-        self.step = step
-        self.earlier = tuple(earlier)
-
-
-class ForeignCheckpointError(Error, ValueError):
-    """The directory holds Orbax checkpoint steps that lrtt.CheckpointManager did not write."""
-
-
-class NonFiniteError(Error, ValueError):
-    """Arrays that must be finite (an adapter, its optimizer state, PEFT factors) hold NaN or inf."""
-
-
-class CheckpointDirectoryError(Error, NotADirectoryError):
-    """The checkpoint directory's path is a file (or lies under one)."""
-
-
-class CheckpointNotFoundError(Error, FileNotFoundError):
-    """No checkpoint directory (``create=False``), or no committed step in it."""
-
-
-class CheckpointPathError(Error, ValueError):
-    """The checkpoint directory's path holds a character Orbax cannot save under (refused up front)."""
-
-
-class CheckpointWriteError(Error, OSError):
-    """A checkpoint step could not be written: disk full, read-only filesystem, no permission, ...
-
-    Raised by ``save`` (a synchronous failure, or the pre-check: not enough free space), or by
-    the next ``save``/``wait``/``close``/``check_save`` for a failure of an asynchronous save's
-    background commit. The failed step's temporary directory is removed and the committed steps
-    are kept.
-
-    Attributes:
-      path: the step directory that was being written (``<directory>/<step>``).
-      step: the step.
-      needed: the bytes the step needs (an estimate: its arrays, metadata and Orbax's files).
-      free: the bytes free on that filesystem when the save failed, or None if unknown.
-      errno: the OS error number (``errno.ENOSPC`` for the pre-check), or None.
-      filename: ``path``.
-    """
-
-    def __init__(self, message: str, path: str | None = None, step: int | None = None,
-                 needed: int | None = None, free: int | None = None, errno: int | None = None):
-        super().__init__(message)
-        self.message, self.path, self.step, self.needed, self.free = message, path, step, needed, free
-        self.errno, self.filename = errno, path
-        self.strerror = os.strerror(errno) if errno else None
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self):
-        return type(self), (self.message, self.path, self.step, self.needed, self.free, self.errno)
-
+from lrtt.io._array_checks import fingerprints, non_finite
+from lrtt.io._checkpoint_errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    ForeignCheckpointError,
+    NonFiniteError,
+)
+from lrtt.io._checkpoint_files import (
+    _TMP_SUFFIX,
+    _block_size,
+    _check_directory,
+    _check_path,
+    _enough_space,
+    _existing,
+    _free_bytes,
+    _is_os_error,
+    _items,
+    _needed_bytes,
+    _os_errno,
+    _step_dirs_below,
+    _with_path,
+    _write_message,
+)
+from lrtt.io._checkpoint_meta import (
+    FORMAT,
+    FORMAT_VERSION,
+    LRTT_ITEMS,
+    _Diff,
+    _diff_lines,
+    _entry_info,
+    _flat,
+    _jsonable,
+    _leaf_info,
+    _rng_from_meta,
+    _rng_meta,
+    _summary,
+    _tree_diff,
+)
 
 _PROCESS_LOCAL = (
     "the {what} holds {n} array(s) that live on this process's devices only, e.g. {paths}, in a "
@@ -156,10 +117,8 @@ _PROCESS_LOCAL = (
     "Save the global arrays the Mesh step works on: place the state with MeshStep.put_state "
     "(or save state.adapter / state.opt_state as MeshStep.step returns them)."
 )
-MAX_DIFF_LINES = 12  # CheckpointMismatchError: the first differences shown, the rest counted
 VANISHED_RETRIES = 3  # a reader's restore(): steps deleted under it by a writer, then it gives up
 LISTING_RETRIES = 5  # Orbax listing the steps while a writer deletes one: tries again this often
-LRTT_ITEMS = ("adapter", "meta")  # the items every lrtt step has (``opt_state`` is optional)
 
 
 class Restored(NamedTuple):
@@ -170,160 +129,6 @@ class Restored(NamedTuple):
     step: int
     data_position: dict
     rng: Any
-
-
-def _flat(tree: Any, what: str) -> dict[str, Any]:
-    flat = named_leaves(tree)
-    names = [p for p, _ in flat]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two leaves of the {what} share one '/'-joined path; rename the keys that contain '/'.")
-    return dict(flat)
-
-
-def _leaf_info(flat: dict[str, Any]) -> dict[str, list]:
-    return {p: [list(x.shape), jnp.dtype(x.dtype).name] for p, x in flat.items()}
-
-
-def _entry_info(adapter: Any) -> dict[str, dict]:
-    """Kind and static fields of every entry (the arrays are described by ``_leaf_info``)."""
-    out = {}
-    for path, entry in entries(adapter).items():
-        if not is_entry(entry):
-            continue
-        static = {
-            f.name: getattr(entry, f.name)
-            for f in dataclasses.fields(entry)
-            if isinstance(getattr(entry, f.name), (bool, int, float, str))
-        }
-        out[path] = {"kind": type(entry).__name__, **static}
-    return out
-
-
-def _words(x: jax.Array) -> jax.Array:
-    x = x.reshape(-1)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(jnp.dtype(x.dtype).itemsize)
-    if width is None:  # 8-byte types: two words each
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-
-
-@jax.jit
-def _fingerprints(leaves: list) -> list:
-    out = []
-    for x in leaves:
-        w = _words(x)
-        weight = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-        out.append((jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)))
-    return out
-
-
-def fingerprints(flat: dict[str, Any]) -> dict[str, list[int]]:
-    """Two order-sensitive 32-bit checksums of every array's bits (computed on device, sharded).
-
-    The sums wrap around in uint32, so they do not depend on the order of the reduction: a
-    checkpoint's fingerprints hold for any sharding and any number of processes. Each result is a
-    scalar (replicated on every device of the computation), so every process reads it without
-    reading the arrays, which in a multi-process job no process holds whole.
-    """
-    names = sorted(flat)
-    values = _fingerprints([flat[n] for n in names])
-    return {n: [int(_scalar(v)) for v in fp] for n, fp in zip(names, values)}
-
-
-def _scalar(x: jax.Array) -> np.ndarray:
-    """A scalar result on the host; multi-process, it is replicated, so every process holds it."""
-    return np.asarray(x)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
-def _rng_meta(rng: Any) -> dict | None:
-    if rng is None:
-        return None
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return {"impl": str(jax.random.key_impl(rng)), "data": np.asarray(jax.random.key_data(rng)).tolist()}
-    return {"impl": None, "data": np.asarray(rng).tolist()}
-
-
-def _rng_from_meta(meta: dict | None) -> Any:
-    if meta is None:
-        return None
-    data = jnp.asarray(np.asarray(meta["data"], np.uint32))
-    return data if meta["impl"] is None else jax.random.wrap_key_data(data, impl=meta["impl"])
-
-
-class _Diff(NamedTuple):
-    """One line of a :class:`CheckpointMismatchError`: its kind, its text, how many it stands for."""
-
-    kind: str
-    line: str
-    count: int = 1
-
-
-_PLURAL = {"method field": "method fields", "entry": "entries", "leaf": "leaves",
-           "optimizer state leaf": "optimizer state leaves"}
-
-
-def _diff_lines(saved: dict, now: dict) -> list[_Diff]:
-    """The method config fields that differ (kind ``"method field"``)."""
-    lines = []
-    for key in sorted(set(saved) | set(now), key=lambda k: (k != "method", k)):
-        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
-        if a != b:
-            lines.append(_Diff("method field", f"{key}: checkpoint {a!r}, now {b!r}"))
-    return lines
-
-
-def _tree_diff(saved: dict, now: dict, what: str) -> list[_Diff]:
-    """Paths on one side only (one line per side, counting them all), then each differing path."""
-    lines = []
-    only_saved = sorted(set(saved) - set(now))
-    only_now = sorted(set(now) - set(saved))
-    if only_saved:
-        lines.append(_Diff(what, f"{what} only in the checkpoint ({len(only_saved)}): {only_saved[:6]}", len(only_saved)))
-    if only_now:
-        lines.append(_Diff(what, f"{what} only in the current adapter ({len(only_now)}): {only_now[:6]}", len(only_now)))
-    for path in sorted(set(saved) & set(now)):
-        if saved[path] != now[path]:
-            lines.append(_Diff(what, f"{what} {path}: checkpoint {saved[path]}, now {now[path]}"))
-    return lines
-
-
-def _summary(diffs: list[_Diff], limit: int = MAX_DIFF_LINES) -> str:
-    """A count per kind, then the first ``limit`` lines and how many differences they leave out."""
-    counts: dict[str, int] = {}
-    for d in diffs:
-        counts[d.kind] = counts.get(d.kind, 0) + d.count
-    head = f"{sum(counts.values())} in all: " + ", ".join(
-        f"{n} {kind if n == 1 else _PLURAL.get(kind, kind)}" for kind, n in counts.items()
-    )
-    shown = [d.line for d in diffs[:limit]]
-    rest = sum(d.count for d in diffs[limit:])
-    if rest:
-        shown.append(f"… and {rest} more difference{'s' if rest > 1 else ''}")
-    return head + "\n  " + "\n  ".join(shown)
-
-
-@jax.jit
-def _finite(leaves: list) -> list:
-    return [jnp.all(jnp.isfinite(x)) for x in leaves]
-
-
-def non_finite(flat: dict[str, Any]) -> list[str]:
-    """The paths of the floating-point arrays of ``flat`` that hold a NaN or an inf, sorted.
-
-    Integer, boolean and PRNG-key leaves are skipped. Each array is reduced on its devices (one
-    jitted call, like :func:`fingerprints`); only one flag per array comes to the host.
-    """
-    names = sorted(p for p, x in flat.items() if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact))
-    if not names:
-        return []
-    flags = _finite([flat[n] for n in names])
-    return [n for n, ok in zip(names, flags) if not bool(_scalar(ok))]
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -371,206 +176,6 @@ def _sharding_maps(shardings: Any, adapter_like: Any, opt_state_like: Any):
         "(adapter_shardings, opt_state_shardings) of trees like the adapter and the optimizer "
         f"state, or a TrainState of shardings (MeshStep.state_sharding); got {type(shardings).__name__}."
     )
-
-
-def _check_directory(directory: str, create: bool) -> None:
-    """Refuse a path that is a file (or lies under one), and a missing directory unless ``create``.
-
-    Raises:
-      CheckpointDirectoryError: ``directory`` or an ancestor is a file.
-      CheckpointNotFoundError: ``directory`` does not exist and ``create`` is False.
-    """
-    if os.path.isdir(directory):
-        return
-    if os.path.exists(directory):
-        raise CheckpointDirectoryError(
-            f"lrtt.CheckpointManager needs a directory, but {directory} is a file "
-            f"({os.path.getsize(directory)} bytes); it is left as it is. Pass the directory that "
-            f"holds (or will hold) the step directories, e.g. {os.path.dirname(directory)}/checkpoints."
-        )
-    if not create:
-        raise CheckpointNotFoundError(
-            f"there is no checkpoint directory at {directory} (create=False: nothing was created). "
-            "Pass the directory a run saved its checkpoints to (the CLI's <output.dir>/checkpoints), "
-            "or create=True to start a new one."
-        )
-    parent = os.path.dirname(directory)
-    while parent and not os.path.exists(parent) and parent != os.path.dirname(parent):
-        parent = os.path.dirname(parent)
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise CheckpointDirectoryError(
-            f"cannot create the checkpoint directory {directory}: {parent} is a file, not a "
-            "directory (it is left as it is). Pass a path under a directory."
-        )
-
-
-_GLOB_MAGIC = re.compile(r"[*?[]")
-
-
-def _check_path(directory: str) -> None:
-    """Refuse a path Orbax cannot save under, before anything is written.
-
-    Orbax finds the files of a step with Python's ``glob`` on the full path, so a component that
-    is not matched by itself as a glob pattern (``[x]`` matches ``x``, not ``[x]``) makes every
-    step it writes unrestorable; ``*`` and ``?`` match themselves and are fine. TensorStore reads
-    ``\\`` as a path separator and would write the arrays outside ``directory``.
-
-    Raises:
-      CheckpointPathError: ``directory`` holds ``\\``, or a component with ``[...]``.
-    """
-    if "\\" in directory:
-        fixed = directory.replace("\\", "_")
-        raise CheckpointPathError(
-            f"lrtt.CheckpointManager cannot use the directory {directory}: it holds the character "
-            "'\\', which TensorStore (Orbax's storage layer) reads as a path separator, so the "
-            "arrays would be written outside it and no step would restore. Choose a directory "
-            f"name without '\\' (e.g. {fixed}); nothing was written."
-        )
-    for part in directory.split(os.sep):
-        if _GLOB_MAGIC.search(part) and not fnmatch.fnmatchcase(part, part):
-            fixed = directory.replace("[", "(").replace("]", ")")
-            raise CheckpointPathError(
-                f"lrtt.CheckpointManager cannot use the directory {directory}: its component "
-                f"{part!r} holds the characters '[' and ']', which Orbax reads as a glob pattern "
-                "when it finds a step's files, so every step saved there would be unrestorable. "
-                f"Choose a directory name without '[' and ']' (e.g. {fixed}; rename the directory "
-                "to read steps copied there); nothing was written."
-            )
-
-
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's in-flight step: "<step>.orbax-checkpoint-tmp[-<time>]"
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # TensorStore's errors carry the errno so
-_OS_ERROR_TEXT = {  # ... or only the strerror text
-    "No space left on device": errno_lib.ENOSPC,
-    "Disk quota exceeded": errno_lib.EDQUOT,
-    "Read-only file system": errno_lib.EROFS,
-    "Permission denied": errno_lib.EACCES,
-    "Operation not permitted": errno_lib.EPERM,
-}
-_NO_SPACE = (errno_lib.ENOSPC, errno_lib.EDQUOT)
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and its causes and contexts, each once."""
-    out, todo = [], [err]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is seen for seen in out):
-            continue
-        out.append(e)
-        todo += [e.__cause__, e.__context__]
-    return out
-
-
-def _os_errno(err: BaseException) -> int | None:
-    """The OS error number behind a failed write (an ``OSError``, or TensorStore's ``ValueError``
-    naming ``os_error_code``), or None when ``err`` is not an OS error."""
-    for e in _chain(err):
-        if isinstance(e, OSError) and e.errno:
-            return e.errno
-        text = str(e)
-        match = _OS_ERROR_CODE.search(text)
-        if match:
-            return int(match.group(1))
-        for words, code in _OS_ERROR_TEXT.items():
-            if words in text:
-                return code
-    return None
-
-
-def _existing(path: str) -> str:
-    """``path``, or its nearest ancestor that exists."""
-    while path and not os.path.exists(path) and path != os.path.dirname(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _is_os_error(err: BaseException) -> bool:
-    return isinstance(err, OSError) or _os_errno(err) is not None
-
-
-def _free_bytes(path: str) -> int | None:
-    """Bytes free for this user on the filesystem of ``path`` (or of its nearest ancestor)."""
-    try:
-        return shutil.disk_usage(_existing(path)).free
-    except OSError:
-        return None
-
-
-def _block_size(path: str) -> int:
-    try:
-        return os.statvfs(path).f_bsize or 4096
-    except (OSError, AttributeError):
-        return 4096
-
-
-def _nbytes(x: Any) -> int:
-    try:
-        return int(x.size) * jnp.dtype(x.dtype).itemsize
-    except (AttributeError, TypeError):
-        return 8
-
-
-def _needed_bytes(flat_adapter: dict, flat_opt: dict, meta: dict, block: int) -> int:
-    """An upper estimate of the bytes a step takes on disk: its arrays (uncompressed), lrtt's JSON
-    and Orbax's per-leaf metadata (3x the JSON), and Orbax's small files (a block each)."""
-    arrays = sum(_nbytes(x) for x in (*flat_adapter.values(), *flat_opt.values()))
-    files = 16 + (12 if flat_opt else 0) + (len(flat_adapter) + len(flat_opt)) // 3  # measured on tmpfs
-    return arrays + 3 * len(json.dumps(meta)) + files * block
-
-
-def _enough_space(free: int | None, needed: int) -> bool:
-    """The pre-check of ``save``: ``needed`` (an upper estimate) fits in ``free`` (None: unknown)."""
-    return free is None or free >= needed
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "an unknown amount"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def _with_path(err: OSError, path: str) -> OSError:
-    """``err`` if it names a file (or ``path``), else the same kind of error naming ``path``."""
-    if err.filename is not None or path in str(err):
-        return err
-    named = type(err)(err.errno, err.strerror or str(err), path) if err.errno else type(err)(f"{err}: {path}")
-    named.__cause__ = err
-    return named
-
-
-def _items(step_dir: str) -> list[str]:
-    """The subdirectories (Orbax items) of one step directory."""
-    try:
-        return sorted(n for n in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, n)))
-    except OSError:
-        return []
-
-
-def _step_dirs_below(directory: str) -> str:
-    """A hint for a directory without steps: a step directory itself, or a parent of the one meant."""
-    items = _items(directory)
-    if set(LRTT_ITEMS) <= set(items):
-        parent, step = os.path.split(directory)
-        return (f" {directory} looks like one step directory (it holds {items}): pass its parent "
-                f"{parent} and restore(step={step}, ...)." if step.isdigit() else "")
-    nested = [n for n in items if any(s.isdigit() for s in _items(os.path.join(directory, n)))]
-    if nested:
-        return f" Its subdirector{'ies' if len(nested) > 1 else 'y'} {nested[:3]} hold numbered steps: pass one of them."
-    return ""
-
-
-def _write_message(step: int, path: str, what: str, needed: int, free: int | None, directory: str,
-                   code: int | None) -> str:
-    """One line: the step directory, what failed, the space needed and free, and the fix."""
-    fix = "free space and resume" if code in _NO_SPACE or code is None else (
-        f"make {directory} writable (or choose another directory) and resume")
-    return (f"could not write checkpoint step {step} to {path}: {what}; the step needs about "
-            f"{_size(needed)} and {_size(free)} are free there; the earlier checkpoints are kept; "
-            f"{fix} (restore() the latest step, then save again).")
 
 
 class _Save(NamedTuple):
