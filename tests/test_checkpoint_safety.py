@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import lrtt
-from lrtt.io import _checkpoint, _checkpoint_files
+from lrtt.io import _checkpoint_files, _checkpoint_save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -332,7 +332,7 @@ def test_a_full_disk_keeps_the_committed_steps_and_a_later_save_works(small_tmpf
     committed = list(range(1, step))
     assert committed and mgr.all_steps() == committed
     # Without the pre-check, the write itself fails on the full disk (in save or in the background).
-    monkeypatch.setattr(_checkpoint, "_enough_space", lambda free, needed: True)
+    monkeypatch.setattr(_checkpoint_save, "_enough_space", lambda free, needed: True)
     error = None
     while error is None and step < 12:
         step += 1
