@@ -2,7 +2,8 @@
 :func:`non_finite`, the library's one check for NaN and inf.
 
 A ``jax.Array`` is reduced on its devices (one jitted call for all of them) to replicated scalars,
-so in a multi-process job every process reads the result without holding the arrays whole.
+so in a multi-process job every process reads the result without holding the arrays whole;
+:func:`non_finite` checks any other array (numpy) on the host.
 """
 
 from __future__ import annotations
@@ -60,11 +61,20 @@ def _finite(leaves: list) -> list:
 def non_finite(flat: dict[str, Any]) -> list[str]:
     """The paths of the floating-point arrays of ``flat`` that hold a NaN or an inf, sorted.
 
-    Integer, boolean and PRNG-key leaves are skipped. Each array is reduced on its devices (one
-    jitted call, like :func:`fingerprints`); only one flag per array comes to the host.
+    Integer, boolean and PRNG-key leaves are skipped. Each ``jax.Array`` is reduced on its devices
+    (one jitted call for all of them, like :func:`fingerprints`); only one flag per array comes to
+    the host. Any other array (numpy: tensors read from a file) is checked on the host, in its own
+    dtype (a float64 array is not narrowed to float32 first).
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> non_finite({"b": np.array([1.0, np.nan]), "a": jnp.array([1.0, jnp.inf]), "c": np.ones(3),
+    ...             "d": np.array([1e300]), "step": jnp.array(3)})
+    ['a', 'b']
     """
     names = sorted(p for p, x in flat.items() if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact))
     if not names:
         return []
-    flags = _finite([flat[n] for n in names])
-    return [n for n, ok in zip(names, flags) if not bool(_scalar(ok))]
+    on_device = [n for n in names if isinstance(flat[n], jax.Array)]
+    flags = dict(zip(on_device, _finite([flat[n] for n in on_device]))) if on_device else {}
+    return [n for n in names
+            if not (bool(_scalar(flags[n])) if n in flags else bool(np.all(np.isfinite(flat[n]))))]
