@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import lrtt
-from lrtt.io import _checkpoint
+from lrtt.io import _checkpoint_files, _checkpoint_save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -283,7 +283,7 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     mgr.save(1, _at(adapter, 1))
     mgr.wait()
     real = shutil.disk_usage
-    monkeypatch.setattr(_checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(_checkpoint_files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(lrtt.CheckpointWriteError, match="not enough free space, nothing was written") as info:
         mgr.save(2, _at(adapter, 2))
     _check_write_error(info.value, directory, 2)
@@ -297,15 +297,15 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
 
 def test_tensorstore_errors_carry_their_os_error_number():
     ts = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/y\": No space left on device [os_error_code='28']")
-    assert _checkpoint._os_errno(ts) == errno.ENOSPC
+    assert _checkpoint_files._os_errno(ts) == errno.ENOSPC
     try:
         try:
             raise OSError(errno.EROFS, "Read-only file system")
         except OSError as inner:
             raise RuntimeError("commit failed") from inner
     except RuntimeError as outer:
-        assert _checkpoint._os_errno(outer) == errno.EROFS
-    assert _checkpoint._os_errno(ValueError("shape mismatch")) is None
+        assert _checkpoint_files._os_errno(outer) == errno.EROFS
+    assert _checkpoint_files._os_errno(ValueError("shape mismatch")) is None
 
 
 @pytest.fixture
@@ -332,7 +332,7 @@ def test_a_full_disk_keeps_the_committed_steps_and_a_later_save_works(small_tmpf
     committed = list(range(1, step))
     assert committed and mgr.all_steps() == committed
     # Without the pre-check, the write itself fails on the full disk (in save or in the background).
-    monkeypatch.setattr(_checkpoint, "_enough_space", lambda free, needed: True)
+    monkeypatch.setattr(_checkpoint_save, "_enough_space", lambda free, needed: True)
     error = None
     while error is None and step < 12:
         step += 1

@@ -1,9 +1,9 @@
 """Files: Orbax checkpoints of the adapter, merged exports, and PEFT's adapter format."""
 
-from lrtt.io._checkpoint import (
+from lrtt.io._checkpoint import CheckpointManager
+from lrtt.io._checkpoint_errors import (
     CheckpointCorruptError,
     CheckpointDirectoryError,
-    CheckpointManager,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointPathError,

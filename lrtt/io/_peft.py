@@ -32,7 +32,8 @@ from lrtt._paths import exact_patterns, named_leaves, nest
 from lrtt._resolve import resolve
 from lrtt._targets import Target, first_match, select
 from lrtt.io import _hf_names as names
-from lrtt.io._checkpoint import NonFiniteError, non_finite
+from lrtt.io._array_checks import non_finite
+from lrtt.io._checkpoint_errors import NonFiniteError
 from lrtt.methods._lora import LoRA
 
 class PeftFileError(Error, ValueError):
