@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from lrtt._errors import Error
 from lrtt._leaves import AdapterLeaf, LowRankLeaf
 from lrtt._paths import named_leaves
+from lrtt._targets import AXIS_KINDS
 from lrtt.tt import _core as _tt
 
 NOT_MERGEABLE = (
@@ -267,7 +268,7 @@ class LoraFactors(_LowRank):
         layout = target.layout
         spec = tuple(kernel_spec) if kernel_spec is not None else ()
         spec = spec + (None,) * (layout.ndim - len(spec))
-        stack, ins, outs = (tuple(spec[a] for a in layout.axes(k)) for k in ("layer", "in", "out"))
+        stack, ins, outs = (tuple(spec[a] for a in layout.axes(k)) for k in AXIS_KINDS)
         return LoraFactors(P(*stack, _group_spec(ins), None), P(*stack, None, _group_spec(outs)), scale=self.scale)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lrtt._targets import Layout
+from lrtt._targets import IN, OUT, Layout
 
 
 class AdaptedLeaf:
@@ -54,7 +54,7 @@ class AdaptedLeaf:
     def parts(self) -> dict[str, tuple[Any, tuple[str | None, int, int]]]:
         """``{name: (array, (group, pre, post))}``: each part as ``(*stack, *pre, *group, *post)``.
 
-        ``group`` is ``"i"`` (the kernel's in axes, in the layout's own shape), ``"o"`` (its out
+        ``group`` is ``IN`` (the kernel's in axes, in the layout's own shape), ``OUT`` (its out
         axes) or None; ``pre``/``post`` count the fixed axes before and after the group.
         """
         raise NotImplementedError
@@ -95,8 +95,8 @@ class LowRankLeaf(AdaptedLeaf):
         rank = self.a.shape[-1]
         slots = () if self.rows is None else (self.a.shape[len(stack)],)  # a stack's slot axis, before the groups
         out = {
-            "a": (self.a.reshape(*stack, *slots, *ins, rank), ("i", len(slots), 1)),
-            "b": (self.b.reshape(*stack, *slots, rank, *outs), ("o", len(slots) + 1, 0)),
+            "a": (self.a.reshape(*stack, *slots, *ins, rank), (IN, len(slots), 1)),
+            "b": (self.b.reshape(*stack, *slots, rank, *outs), (OUT, len(slots) + 1, 0)),
         }
         if self.rows is not None:  # the row ids, repeated over the stack axes
             out["rows"] = (jnp.broadcast_to(self.rows, (*stack, *self.rows.shape)), (None, 0, 1))
@@ -145,7 +145,7 @@ class AdapterLeaf(AdaptedLeaf):
 
     def parts(self):
         stack, ins, outs = self.layout.split(self.w0.shape)
-        group, feats = ("o", outs) if self.position == "after" else ("i", ins)
+        group, feats = (OUT, outs) if self.position == "after" else (IN, ins)
         m = self.down.shape[-1]
         out = {
             "down": (self.down.reshape(*stack, *feats, m), (group, 0, 1)),

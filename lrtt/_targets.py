@@ -24,7 +24,10 @@ from lrtt import _families
 from lrtt._discover import Discovery
 from lrtt._paths import exact_path, exact_patterns, named_leaves
 
-_AXIS_WORDS = ("layer", "in", "out")
+LAYER, IN, OUT = "layer", "in", "out"
+"""The axis kinds, one vocabulary for a :class:`Layout`'s words, the groups of an adapted leaf's
+parts (:mod:`lrtt._leaves`) and the axes of the factored interpreter's views."""
+AXIS_KINDS = (LAYER, IN, OUT)
 
 LAYOUT_HELP = (
     "a layout is a space-separated list of the words 'layer', 'in', 'out', one per axis of the "
@@ -61,7 +64,7 @@ class Layout:
 
     def __post_init__(self):
         kinds = tuple(self.kinds)
-        if any(k not in _AXIS_WORDS for k in kinds) or "in" not in kinds or "out" not in kinds:
+        if any(k not in AXIS_KINDS for k in kinds) or IN not in kinds or OUT not in kinds:
             raise ValueError(f"invalid layout {' '.join(map(str, kinds))!r}: {LAYOUT_HELP}.")
         object.__setattr__(self, "kinds", kinds)
 
@@ -84,26 +87,26 @@ class Layout:
 
     @property
     def n_stack(self) -> int:
-        return len(self.axes("layer"))
+        return len(self.axes(LAYER))
 
     @property
     def n_in(self) -> int:
-        return len(self.axes("in"))
+        return len(self.axes(IN))
 
     @property
     def n_out(self) -> int:
-        return len(self.axes("out"))
+        return len(self.axes(OUT))
 
     def __str__(self) -> str:
         return " ".join(self.kinds)
 
     @property
     def _order(self) -> tuple[int, ...]:
-        return self.axes("layer") + self.axes("in") + self.axes("out")
+        return self.axes(LAYER) + self.axes(IN) + self.axes(OUT)
 
     def split(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """``shape`` → ``(stack_shape, in_shape, out_shape)``, each in the kernel's axis order."""
-        return tuple(tuple(shape[a] for a in self.axes(k)) for k in _AXIS_WORDS)
+        return tuple(tuple(shape[a] for a in self.axes(k)) for k in AXIS_KINDS)
 
     def to_matrix(self, w):
         """A kernel of this layout → ``(*stack, in, out)``."""

@@ -7,27 +7,36 @@ An adapted leaf (:mod:`lrtt._leaves`) enters the interpreter as a :class:`View`:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from lrtt._leaves import AdaptedLeaf, LowRankLeaf, QuantizedLeaf
 from lrtt._paths import is_quantized
 from lrtt._quant import dequantize_leaf
-from lrtt._leaves import AdaptedLeaf, AdapterLeaf, LowRankLeaf, QuantizedLeaf
+from lrtt._targets import IN, LAYER, OUT
 
-__all__ = ["AdaptedLeaf", "AdapterLeaf", "LowRankLeaf", "QuantizedLeaf", "IN", "OUT", "STACK", "Meta", "View"]
+__all__ = ["IN", "LAYER", "OUT", "LeafKind", "Meta", "View"]
 
 
-STACK, IN, OUT = "s", "i", "o"
+class LeafKind(enum.Enum):
+    """What an adapted leaf carries, as the interpreter's rules tell them apart."""
+
+    LOW_RANK = "low_rank"  # W0 + scale·A·B (LoRA, LorettaRep)
+    ADAPTER = "adapter"  # a LoRETTA_adp bottleneck before or after x·W0
+    QUANTIZED = "quantized"  # a quantized W0 alone, dequantized at each use
+
+
 
 
 @dataclasses.dataclass(frozen=True)
 class Meta:
     """What the interpreter needs to know of the leaf a view came from (all static)."""
 
-    kind: str  # "low_rank", "adapter" or "quantized" (a quantized W0 alone)
+    kind: LeafKind
     path: str
     scale: float
     dropout: float = 0.0
@@ -39,7 +48,7 @@ class Meta:
 class View:
     """The current form of an adapted value: ``w0`` as the model has transformed it so far.
 
-    ``kinds[k]`` says what axis ``k`` of ``w0`` is: ``"s"`` (stack), ``"i"`` (in) or ``"o"``
+    ``kinds[k]`` says what axis ``k`` of ``w0`` is: ``LAYER`` (stack), ``IN`` or ``OUT``
     (out). Every part is kept as ``(*S, *pre, *G, *post)`` with ``S`` the stack axes and ``G``
     the axes of its group, each in the order they have in ``w0``: any transpose, reshape or
     slice of ``w0`` that keeps the groups apart is mirrored on the parts without densifying.
@@ -54,14 +63,14 @@ class View:
     @classmethod
     def of(cls, leaf: AdaptedLeaf) -> "View":
         if isinstance(leaf, QuantizedLeaf):  # no parts: every axis may be sliced or reshaped freely
-            return cls(Meta("quantized", leaf.path, 1.0), leaf.w0, (STACK,) * leaf.ndim, {}, {})
+            return cls(Meta(LeafKind.QUANTIZED, leaf.path, 1.0), leaf.w0, (LAYER,) * leaf.ndim, {}, {})
         layout = leaf.layout
         parts = leaf.parts()
         if isinstance(leaf, LowRankLeaf):
-            meta = Meta("low_rank", leaf.path, leaf.scale, dropout=leaf.dropout if leaf.key is not None else 0.0)
+            meta = Meta(LeafKind.LOW_RANK, leaf.path, leaf.scale, dropout=leaf.dropout if leaf.key is not None else 0.0)
         else:
-            meta = Meta("adapter", leaf.path, leaf.scale, position=leaf.position, activation=leaf.activation)
-        kinds = tuple({"layer": STACK, "in": IN, "out": OUT}[k] for k in layout.kinds)
+            meta = Meta(LeafKind.ADAPTER, leaf.path, leaf.scale, position=leaf.position, activation=leaf.activation)
+        kinds = tuple(layout.kinds)
         return cls(meta, leaf.w0, kinds,
                    {k: v[0] for k, v in parts.items()}, {k: v[1] for k, v in parts.items()})
 
@@ -76,7 +85,7 @@ class View:
         """``(stack, pre, group, post)`` shapes of one part."""
         group, pre, post = self.roles[name]
         shape = tuple(self.parts[name].shape)
-        n_s, n_g = len(self.axes(STACK)), len(self.axes(group)) if group else 0
+        n_s, n_g = len(self.axes(LAYER)), len(self.axes(group)) if group else 0
         return shape[:n_s], shape[n_s:n_s + pre], shape[n_s + pre:n_s + pre + n_g], shape[n_s + pre + n_g:]
 
     def with_w0(self, w0) -> "View":
@@ -91,7 +100,7 @@ class View:
             group, _, _ = self.roles[name]
             _, pre, _, post = self._split(name)
             gshape = new.group_shape(group) if group else ()
-            parts[name] = part.reshape(new.group_shape(STACK) + pre + gshape + post)
+            parts[name] = part.reshape(new.group_shape(LAYER) + pre + gshape + post)
         return dataclasses.replace(new, parts=parts)
 
     def transpose(self, w0, perm: tuple[int, ...]) -> "View":
@@ -104,7 +113,7 @@ class View:
         parts = {}
         for name, part in self.parts.items():
             group, pre, post = self.roles[name]
-            s = order(STACK)
+            s = order(LAYER)
             n_s = len(s)
             g = order(group) if group else []
             full = s + list(range(n_s, n_s + pre)) + [n_s + pre + j for j in g]
@@ -132,7 +141,7 @@ class View:
         w0_leaves, w0_def = jax.tree.flatten(self.w0)  # a quantized W0: its values and scales
         n = len(w0_leaves)
         arrays = w0_leaves + [self.parts[name] for name in names]
-        kinds = self.kinds[1:] if unstack else (STACK,) + self.kinds if restack else self.kinds
+        kinds = self.kinds[1:] if unstack else (LAYER,) + self.kinds if restack else self.kinds
 
         def rebuild(arrays):
             w0 = jax.tree.unflatten(w0_def, arrays[:n])
@@ -143,18 +152,18 @@ class View:
     def dense(self):
         """``W0 + scale·A·B`` in the view's current form (low-rank views; a quantized W0 alone
         is its float value)."""
-        if self.meta.kind == "quantized":
+        if self.meta.kind is LeafKind.QUANTIZED:
             return dequantize_leaf(self.w0)
-        if self.meta.kind != "low_rank":
+        if self.meta.kind is not LeafKind.LOW_RANK:
             raise ValueError(NOT_DENSE.format(path=self.meta.path))
         if "rows" in self.parts:
             raise ValueError(NOT_DENSE_ROWS.format(path=self.meta.path))
-        s_shape, i_shape, o_shape = self.group_shape(STACK), self.group_shape(IN), self.group_shape(OUT)
+        s_shape, i_shape, o_shape = self.group_shape(LAYER), self.group_shape(IN), self.group_shape(OUT)
         a = self.parts["a"].reshape(*s_shape, math.prod(i_shape), -1)
         b = self.parts["b"].reshape(*s_shape, -1, math.prod(o_shape))
         delta = self.meta.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         delta = delta.reshape(s_shape + i_shape + o_shape)
-        order = self.axes(STACK) + self.axes(IN) + self.axes(OUT)
+        order = self.axes(LAYER) + self.axes(IN) + self.axes(OUT)
         delta = delta.transpose([order.index(k) for k in range(len(order))])
         w0 = dequantize_leaf(self.w0) if is_quantized(self.w0) else self.w0
         return (w0.astype(jnp.float32) + delta.astype(jnp.float32)).astype(w0.dtype)

@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lrtt._factored._adapted import IN, OUT, STACK, View
+from lrtt._factored._adapted import IN, OUT, LAYER, LeafKind, View
 from lrtt._factored._binding import bind_on_w0, bind_params
 from lrtt._factored._lowrank import DotPlan, adapter_after, adapter_before, low_rank_branch
 
@@ -22,23 +22,23 @@ def dot_general(ctx, eqn, invals):
         return ctx.unsupported(eqn, invals, " as both operands of one dot_general")
     on_left = isinstance(lhs, View)
     view, x = (lhs, rhs) if on_left else (rhs, lhs)
-    if view.meta.kind == "quantized":  # a quantized W0 alone: dequantized for this product only
+    if view.meta.kind is LeafKind.QUANTIZED:  # a quantized W0 alone: dequantized for this product only
         return bind_on_w0(eqn, view, [None, x] if on_left else [x, None])
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     wc, xc, wb, xb = (lc, rc, lb, rb) if on_left else (rc, lc, rb, lb)
-    stack = view.axes(STACK)
+    stack = view.axes(LAYER)
     if set(wb) != set(stack):
         return ctx.unsupported(eqn, invals, (
             f" with batch dimensions {tuple(wb)} that are not exactly its stack axes {tuple(stack)} "
             f"(axes {view.kinds}): slice the layer first (scan, indexing) or batch over it"))
     if set(wc) == set(view.axes(IN)):
         group, other = IN, OUT
-    elif set(wc) == set(view.axes(OUT)) and view.meta.kind == "low_rank":
+    elif set(wc) == set(view.axes(OUT)) and view.meta.kind is LeafKind.LOW_RANK:
         group, other = OUT, IN
     else:
         return ctx.unsupported(eqn, invals, (
             f" contracting its axes {tuple(wc)}, which are not exactly its in axes {tuple(view.axes(IN))}"
-            + (f" nor its out axes {tuple(view.axes(OUT))}" if view.meta.kind == "low_rank" else "")))
+            + (f" nor its out axes {tuple(view.axes(OUT))}" if view.meta.kind is LeafKind.LOW_RANK else "")))
 
     # The problem without batch axes: x's batch axes go first (in the order of the pairs) and
     # each part's stack axes are put in the same order, then everything is vmapped over them.
@@ -63,12 +63,12 @@ def dot_general(ctx, eqn, invals):
         return fn(*args)
 
     dtype = view.w0.dtype
-    if view.meta.kind == "adapter" and view.meta.position == "before":
+    if view.meta.kind is LeafKind.ADAPTER and view.meta.position == "before":
         x_new = batched(functools.partial(adapter_before, plan, view.meta), x_front, parts)
         x_new = jnp.moveaxis(x_new, tuple(range(n_b)), xb) if n_b else x_new
         return bind_on_w0(eqn, view, [None, x_new] if on_left else [x_new, None])
     base = bind_on_w0(eqn, view, [None, x] if on_left else [x, None])[0]
-    if view.meta.kind == "adapter":
+    if view.meta.kind is LeafKind.ADAPTER:
         return [batched(functools.partial(adapter_after, plan, view.meta), base, parts)]
     precision = eqn.params.get("precision")
     if on_left and isinstance(precision, tuple):
@@ -93,13 +93,13 @@ def ragged_dot_general(ctx, eqn, invals):
     if isinstance(lhs, View) or isinstance(group_sizes, View):
         return ctx.unsupported(eqn, invals, " as the lhs of a ragged_dot_general (only the rhs, the expert kernels, can be adapted)")
     view, x = rhs, lhs
-    if view.meta.kind == "quantized":
+    if view.meta.kind is LeafKind.QUANTIZED:
         return bind_on_w0(eqn, view, [x, None, group_sizes])
-    if view.meta.kind != "low_rank":
+    if view.meta.kind is not LeafKind.LOW_RANK:
         return ctx.unsupported(eqn, invals, " with a LoRETTA_adp adapter (ragged_dot_general takes LoRA and LorettaRep)")
     if "rows" in view.parts:
         return ctx.unsupported(eqn, invals, " with a stack of adapters (adapter_ids=): expert kernels take one adapter")
-    stack, ins = view.axes(STACK), view.axes(IN)
+    stack, ins = view.axes(LAYER), view.axes(IN)
     if (lb or rb or tuple(numbers.rhs_group_dimensions) != tuple(stack) or len(stack) != 1
             or set(rc) != set(ins) or set(numbers.lhs_ragged_dimensions) & set(lc)):
         return ctx.unsupported(eqn, invals, (

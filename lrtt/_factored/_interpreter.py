@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from lrtt._factored._adapted import AdaptedLeaf, View
+from lrtt._factored._adapted import View
+from lrtt._leaves import AdaptedLeaf
 from lrtt._factored._binding import bind
 from lrtt._factored._rules import RULES
 from lrtt._jaxpr import is_array, placeholder

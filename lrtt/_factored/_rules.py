@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lrtt._factored._adapted import IN, OUT, STACK, View
+from lrtt._factored._adapted import IN, OUT, LAYER, View
 from lrtt._factored._binding import flatten, signature, w0_op
 from lrtt._factored._dots import dot_general, ragged_dot_general
 from lrtt._jaxpr import open_jaxpr, reshape_groups, scan_counts
@@ -53,7 +53,7 @@ def _reshape_kinds(kinds, old, new) -> tuple[str, ...] | None:
         kind = found.pop() if found else (out[-1] if out else None)
         out.extend([kind] * len(seg_new))
     if None in out:  # new unit axes before any other: take the kind of the first known axis
-        first = next((k for k in out if k is not None), STACK)
+        first = next((k for k in out if k is not None), LAYER)
         out = [first if k is None else k for k in out]
     return tuple(out)
 
@@ -88,7 +88,7 @@ def _broadcast_in_dim(ctx, eqn, invals):
     if len(invals) > 1 or any(shape[d] != n for d, n in zip(dims, old)) or any(
             shape[a] != 1 for a in range(len(shape)) if a not in dims) or list(dims) != sorted(dims):
         return ctx.unsupported(eqn, invals, " in a broadcast that does more than add unit axes")
-    kinds = [STACK] * len(shape)
+    kinds = [LAYER] * len(shape)
     for d, kind in zip(dims, view.kinds):
         kinds[d] = kind
     return [view.relayout(w0_op(eqn, view), tuple(kinds))]
@@ -97,7 +97,7 @@ def _broadcast_in_dim(ctx, eqn, invals):
 def _stack_only(view, starts_full) -> str | None:
     """None when every non-stack axis is taken whole, else a reason."""
     for axis, full in enumerate(starts_full):
-        if view.kinds[axis] != STACK and not full:
+        if view.kinds[axis] != LAYER and not full:
             return f" sliced along a non-stack axis {axis} (axes are {view.kinds}); only stack axes can be sliced"
     return None
 
@@ -111,7 +111,7 @@ def _slice(ctx, eqn, invals):
     reason = _stack_only(view, full)
     if reason:
         return ctx.unsupported(eqn, invals, reason)
-    stack = view.axes(STACK)
+    stack = view.axes(LAYER)
 
     def cut(part):
         starts = [p["start_indices"][a] for a in stack] + [0] * (part.ndim - len(stack))
@@ -130,7 +130,7 @@ def _dynamic_slice(ctx, eqn, invals):
     reason = _stack_only(view, [s == n for s, n in zip(sizes, view.w0.shape)])
     if reason:
         return ctx.unsupported(eqn, invals, reason)
-    stack = view.axes(STACK)
+    stack = view.axes(LAYER)
 
     def cut(part):
         starts = [index[a] for a in stack] + [0] * (part.ndim - len(stack))
@@ -146,17 +146,17 @@ def _gather(ctx, eqn, invals):
     p = eqn.params
     dn = p["dimension_numbers"]
     sizes = p["slice_sizes"]
-    stack = view.axes(STACK)
+    stack = view.axes(LAYER)
     ok = not dn.operand_batching_dims and all(
         a in stack or (sizes[a] == view.w0.shape[a] and a not in dn.start_index_map) for a in range(view.w0.ndim))
     if not ok:
         return ctx.unsupported(eqn, invals, " gathered along a non-stack axis; only stack axes can be indexed")
     w0 = w0_op(eqn, view, indices)
     kept = [a for a in range(view.w0.ndim) if a not in dn.collapsed_slice_dims]
-    kinds = [STACK] * w0.ndim
+    kinds = [LAYER] * w0.ndim
     for pos, axis in zip(dn.offset_dims, kept):
         kinds[pos] = view.kinds[axis]
-    new_stack = [pos for pos, k in enumerate(kinds) if k == STACK]
+    new_stack = [pos for pos, k in enumerate(kinds) if k == LAYER]
     offset_of = dict(zip(kept, dn.offset_dims))
 
     def cut(part):
@@ -237,7 +237,7 @@ def _scan(ctx, eqn, invals):
     n_consts, n_carry = scan_counts(p)
     consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
     for x in xs:
-        if isinstance(x, View) and x.kinds[0] != STACK:
+        if isinstance(x, View) and x.kinds[0] != LAYER:
             return ctx.unsupported(eqn, invals, f" scanned over its axis 0, which is not a stack axis (axes {x.kinds})")
     jaxpr, jconsts = open_jaxpr(p["jaxpr"])
     carry_vars = jaxpr.invars[n_consts:n_consts + n_carry]
