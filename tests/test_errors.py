@@ -38,3 +38,37 @@ def test_an_error_carries_its_facts_as_attributes():
     assert (err.step, err.earlier) == (7, (3, 5))
     with pytest.raises(lrtt.Error):
         raise err
+
+
+def _checkpointed(tmp_path, rank):
+    import jax
+    import jax.numpy as jnp
+
+    params = {"q": {"kernel": jnp.ones((8, 8))}}
+    method = lrtt.LoRA(rank=rank, targets="q")
+    return method, method.init(jax.random.key(0), params)
+
+
+def test_a_checkpoint_mismatch_carries_the_step_and_every_difference(tmp_path):
+    method, adapter = _checkpointed(tmp_path, rank=4)
+    with lrtt.CheckpointManager(str(tmp_path / "c"), method, async_save=False) as manager:
+        manager.save(3, adapter)
+    other, other_adapter = _checkpointed(tmp_path, rank=2)
+    with lrtt.CheckpointManager(str(tmp_path / "c"), other, create=False) as manager:
+        with pytest.raises(lrtt.CheckpointMismatchError) as err:
+            manager.restore(3, adapter_like=other_adapter)
+    assert err.value.step == 3
+    kinds = {kind for kind, _ in err.value.differences}
+    assert "method field" in kinds and any("rank" in line for _, line in err.value.differences)
+
+
+def test_a_non_finite_refusal_names_the_arrays_as_a_field(tmp_path):
+    import jax.numpy as jnp
+
+    method, adapter = _checkpointed(tmp_path, rank=2)
+    bad = {"q": {"kernel": lrtt.LoraFactors(adapter["q"]["kernel"].a.at[0, 0].set(jnp.nan),
+                                            adapter["q"]["kernel"].b, scale=1.0)}}
+    with lrtt.CheckpointManager(str(tmp_path / "c"), method, async_save=False) as manager:
+        with pytest.raises(lrtt.NonFiniteError) as err:
+            manager.save(1, bad)
+    assert err.value.names == ("adapter q/kernel/a",)

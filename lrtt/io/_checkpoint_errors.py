@@ -13,7 +13,18 @@ from lrtt._errors import Error
 
 
 class CheckpointMismatchError(Error, ValueError):
-    """The checkpoint was written for another method, rank, TT shape, target set or model."""
+    """The checkpoint was written for another method, rank, TT shape, target set or model.
+
+    Attributes:
+      step: the checked step (None when the error does not name one).
+      differences: ``(kind, line)`` pairs, checkpoint vs now, e.g. ``("method field",
+        "rank: 8 vs 4")`` (all of them; the message shows the first few and a count per kind).
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, differences: tuple = ()):
+        super().__init__(message)
+        self.step = step
+        self.differences = tuple(differences)
 
 
 class CheckpointCorruptError(Error, ValueError):
@@ -35,7 +46,15 @@ class ForeignCheckpointError(Error, ValueError):
 
 
 class NonFiniteError(Error, ValueError):
-    """Arrays that must be finite (an adapter, its optimizer state, PEFT factors) hold NaN or inf."""
+    """Arrays that must be finite (an adapter, its optimizer state, PEFT factors) hold NaN or inf.
+
+    Attributes:
+      names: the arrays that hold NaN or inf (paths or tensor names, all of them).
+    """
+
+    def __init__(self, message: str, *, names: tuple = ()):
+        super().__init__(message)
+        self.names = tuple(names)
 
 
 class CheckpointDirectoryError(Error, NotADirectoryError):

@@ -150,7 +150,8 @@ class RestorePath:
                 f"checkpoint step {step} in {self.directory} was written for another adapter; "
                 f"differences (checkpoint vs now), {_summary(diffs)}\nRestore with the method, params "
                 "and optimizer the checkpoint was written with (its config is in the step's "
-                "meta/metadata), or start a new checkpoint directory."
+                "meta/metadata), or start a new checkpoint directory.",
+                step=step, differences=tuple((d.kind, d.line) for d in diffs),
             )
         return meta
 

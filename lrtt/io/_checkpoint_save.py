@@ -234,7 +234,7 @@ class SavePath:
             f"NaN or inf: {bad[:5]}{more}. Nothing was written for step {step}, and the earlier "
             f"checkpoints are kept ({f'steps {kept}' if kept else 'there are none'}). The run has "
             "diverged: restore the last step and resume with a lower learning rate or gradient "
-            "clipping (optax.clip_by_global_norm)."
+            "clipping (optax.clip_by_global_norm).", names=tuple(bad)
         )
 
     def _check_own_steps(self) -> None:
