@@ -84,8 +84,8 @@ def _message(method: Any, unknown, misfit, uncovered, planned: int) -> str:
     if uncovered:
         lines.append(
             f"- it has no entry for {len(uncovered)} of the {planned} leaves that {type(method).__name__} "
-            f"selects in these params, e.g. {_some(uncovered)}: those leaves would silently stay unadapted "
-            "(a model with more layers, or other targets).")
+            f"selects in these params, e.g. {_some(uncovered)}: it was made for other params (a model with "
+            "fewer layers, or other targets), and those leaves would silently stay unadapted.")
     lines.append("Use the adapter made for this model, or the params it was made for; "
                  "method.init(key, params) creates one for these params.")
     return "\n".join(lines)
