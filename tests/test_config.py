@@ -13,14 +13,14 @@ CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")
 def test_there_is_a_config_per_model_and_method():
     names = {p.stem for p in CONFIGS}
     for model in ("minilm", "smollm2"):
-        for method in _config.METHODS:
+        for method in _config.method_names():
             assert f"{model}_bbc_{method}" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_parse(path):
     config = _config.load(path)
-    assert config.model in _config.MODELS and config.method_name in _config.METHODS
+    assert config.model in _config.MODELS and config.method_name in _config.method_names()
     assert path.stem.endswith(config.method_name)
 
 
@@ -58,6 +58,50 @@ def test_bad_configs_name_the_key_and_the_fix(mutate, match):
     mutate(raw)
     with pytest.raises(_config.ConfigError, match=match):
         _config.parse(raw, source="x.yaml")
+
+
+@pytest.fixture
+def toy_method(monkeypatch):
+    """A method class defined here, registered in a copy of lrtt's registry that the fixture's
+    teardown (``monkeypatch.undo``) puts back: no other test sees it."""
+    import dataclasses
+
+    from lrtt.methods import Method
+
+    monkeypatch.setattr(Method, "_REGISTRY", dict(Method._REGISTRY))
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ToyAdapter(Method):
+        scale: float = 1.0
+
+    return ToyAdapter
+
+
+def test_a_new_method_class_is_known_to_the_config_by_its_name(toy_method, monkeypatch):
+    from lrtt.cli import _job
+
+    assert toy_method.NAME == "toy_adapter" and "toy_adapter" in _config.method_names()
+    config = _config.parse({**_raw(), "method": {"name": "toy_adapter", "scale": 2.0}})
+    assert _job.build_method(config) == toy_method(scale=2.0)
+    with pytest.raises(_config.ConfigError, match=r"must be one of \[.*'toy_adapter'\], got 'toy_adaptr'; did you "
+                                                  r"mean `toy_adapter`"):
+        _config.parse({**_raw(), "method": {"name": "toy_adaptr"}})
+    with pytest.raises(_config.ConfigError, match=r"unknown key\(s\) \['method.rank'\] for method `toy_adapter`"):
+        _job.build_method(_config.parse({**_raw(), "method": {"name": "toy_adapter", "rank": 4}}))
+    monkeypatch.undo()  # the fixture's teardown: the class is known no more
+    assert "toy_adapter" not in _config.method_names() and "lora" in _config.method_names()
+
+
+def test_method_names_are_the_registered_classes_names(toy_method):
+    import lrtt
+
+    bundled = {"full": lrtt.FullFineTune, "lora": lrtt.LoRA, "loretta_adp": lrtt.LorettaAdp,
+               "loretta_rep": lrtt.LorettaRep}
+    assert {name: lrtt.Method.registered()[name] for name in bundled} == bundled
+    assert set(bundled) < set(_config.method_names())
+    with pytest.raises(TypeError, match="has the NAME 'lora' of LoRA; give it another NAME"):
+        class Lora(lrtt.Method):  # noqa: F841  (a second class under one name is refused when defined)
+            pass
 
 
 def test_ints_are_accepted_for_floats_and_bad_override_syntax_is_refused():

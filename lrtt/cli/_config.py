@@ -50,12 +50,17 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from lrtt import Error
+from lrtt import Error, Method
 
 MODELS = ("minilm", "smollm2")
 MODEL_KEYS = ("path", "dtype")  # `model: {path: DIR, dtype: ...}`: a checkpoint directory (lrtt.models.load)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-METHODS = ("full", "lora", "loretta_rep", "loretta_adp")
+
+
+def method_names() -> tuple[str, ...]:
+    """The names ``method.name`` takes: the ``NAME`` of every method class lrtt registers
+    (:meth:`lrtt.Method.registered`), a new one included."""
+    return tuple(Method.registered())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,11 +597,12 @@ def parse(raw: Any, *, source: str = "config") -> RunConfig:
             raise ConfigError(f"{source}: missing required key `{key}`.")
     model = _model(raw["model"], source)
     method = raw["method"]
+    methods = method_names()
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError(
-            f"{source}: `method` must be a mapping with a `name` in {list(METHODS)}, got {show(method)}."
+            f"{source}: `method` must be a mapping with a `name` in {list(methods)}, got {show(method)}."
         )
-    _check_choice(method["name"], METHODS, "method.name", source)
+    _check_choice(method["name"], methods, "method.name", source)
     sections = {name: _section(name, raw.get(name), cls, source) for name, cls in _SECTIONS.items()}
     _check_choice(sections["train"].forward, ("factored", "merged"), "train.forward", source)
     _check_choice(sections["train"].on_nonfinite, ("stop", "skip"), "train.on_nonfinite", source)

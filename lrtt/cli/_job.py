@@ -34,15 +34,14 @@ from lrtt.cli._config import resume_changes
 from lrtt.cli._rundir import (check_owned, config_history, drop_metrics_after, mark, run_id, set_aside,
                               write_config)
 from lrtt.cli._tasks import Task, build_task, summarize
-from lrtt.methods import FullFineTune, LoRA, LorettaAdp, LorettaRep
-
-METHOD_CLASSES = {"full": FullFineTune, "lora": LoRA, "loretta_rep": LorettaRep, "loretta_adp": LorettaAdp}
+from lrtt.methods import FullFineTune, LoRA, Method
 
 
 def build_method(config: RunConfig) -> Any:
-    """The method of ``config.method`` (``name`` plus the class's keyword arguments)."""
+    """The method of ``config.method``: the class registered under ``name``
+    (:meth:`lrtt.Method.registered`) with the other keys as its keyword arguments."""
     options = {k: v for k, v in config.method.items() if k != "name"}
-    cls = METHOD_CLASSES[config.method_name]
+    cls = Method.registered()[config.method_name]
     allowed = [f.name for f in dataclasses.fields(cls) if f.name != "param_dtype"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
