@@ -17,7 +17,7 @@ import pathlib
 import sys
 from typing import Any
 
-from lrtt.cli._config import ConfigError, RunConfig
+from lrtt.cli._schema import ConfigError, RunConfig
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 

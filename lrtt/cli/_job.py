@@ -28,31 +28,14 @@ import numpy as np
 import lrtt
 from lrtt.cli import _cluster
 from lrtt.cli._cluster import Cluster
-from lrtt.cli._config import ConfigError, RunConfig
+from lrtt.cli._schema import ConfigError, RunConfig
 from lrtt.cli import _signals
-from lrtt.cli._config import resume_changes
+from lrtt.cli._resume_rules import resume_changes
 from lrtt.cli._rundir import (check_owned, config_history, drop_metrics_after, mark, run_id, set_aside,
                               write_config)
 from lrtt.cli._tasks import Task, build_task, summarize
-from lrtt.methods import FullFineTune, LoRA, Method
-
-
-def build_method(config: RunConfig) -> Any:
-    """The method of ``config.method``: the class registered under ``name``
-    (:meth:`lrtt.Method.registered`) with the other keys as its keyword arguments."""
-    options = {k: v for k, v in config.method.items() if k != "name"}
-    cls = Method.registered()[config.method_name]
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "param_dtype"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {['method.' + k for k in unknown]} for method `{config.method_name}` "
-            f"({cls.__name__}); allowed: {', '.join(allowed)}."
-        )
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"method `{config.method_name}`: {err}") from None
+from lrtt.cli._methods import build_method
+from lrtt.methods import FullFineTune, LoRA
 
 
 def _batch_iterator(arrays: dict, batch_size: int, seed: int, position: tuple[int, int]):

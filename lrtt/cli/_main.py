@@ -210,7 +210,7 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
     args = _parser().parse_args(argv)
     invocation.command = args.command
     with needs_extra():
-        from lrtt.cli import _config, _job
+        from lrtt.cli import _config, _job, _schema
 
     try:
         config = _config.load(args.config, args.overrides)
@@ -243,7 +243,7 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
             from lrtt.cli._tasks import build_task
 
             print(_job.count_table(build_task(config).params, method))
-    except _config.ConfigError as err:
+    except _schema.ConfigError as err:
         print(f"lrtt: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
