@@ -57,7 +57,7 @@ def test_eval_and_export_agree(run_dir, tmp_path, capsys):
     assert config_json["architectures"] == ["BertForSequenceClassification"] and config_json["dtype"] == "float32"
     assert cli.main(["export", *args, "--format", "flax", "--out", str(tmp_path / "flax")]) == 0
     merged = FlaxBertForSequenceClassification.from_pretrained(tmp_path / "flax")
-    from lrtt.cli import _config, _job, _tasks
+    from lrtt.cli import _config, _methods, _restore, _tasks
 
     config = _config.load("configs/minilm_bbc_loretta_rep.yaml", [*SMALL[1::2], f"output.dir={run_dir}"])
     task = _tasks.build_task(config)
@@ -65,8 +65,8 @@ def test_eval_and_export_agree(run_dir, tmp_path, capsys):
     exported = merged(batch["input_ids"], batch["attention_mask"], params=merged.params).logits
     import lrtt
 
-    method = _job.build_method(config)
-    adapter = _job._restore_adapter(config, method, task)
+    method = _methods.build_method(config)
+    adapter = _restore.restore_adapter(config, method, task)
     factored = lrtt.factored(task.apply)(lrtt.wrap(method, task.params, adapter), batch, None)
     np.testing.assert_allclose(exported, factored, rtol=1e-4, atol=1e-5)
     from lrtt.models._safetensors import tensor_index

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lrtt.cli import _config
+from lrtt.cli import _config, _methods, _overrides, _resume_rules, _schema, _show, _strict_yaml, _validate
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -13,14 +13,14 @@ CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")
 def test_there_is_a_config_per_model_and_method():
     names = {p.stem for p in CONFIGS}
     for model in ("minilm", "smollm2"):
-        for method in _config.METHODS:
+        for method in _methods.method_names():
             assert f"{model}_bbc_{method}" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_parse(path):
     config = _config.load(path)
-    assert config.model in _config.MODELS and config.method_name in _config.METHODS
+    assert config.model in _schema.MODELS and config.method_name in _methods.method_names()
     assert path.stem.endswith(config.method_name)
 
 
@@ -29,8 +29,8 @@ def _raw():
 
 
 def test_overrides_are_parsed_as_yaml():
-    raw = _config.apply_overrides(_raw(), ["train.steps=50", "train.lr=1e-3", "method.targets=[q_proj, v_proj]"])
-    config = _config.parse(raw)
+    raw = _overrides.apply_overrides(_raw(), ["train.steps=50", "train.lr=1e-3", "method.targets=[q_proj, v_proj]"])
+    config = _validate.parse(raw)
     assert config.train.steps == 50 and config.train.lr == 1e-3
     assert config.method["targets"] == ["q_proj", "v_proj"]
 
@@ -56,16 +56,58 @@ def test_overrides_are_parsed_as_yaml():
 def test_bad_configs_name_the_key_and_the_fix(mutate, match):
     raw = _raw()
     mutate(raw)
-    with pytest.raises(_config.ConfigError, match=match):
-        _config.parse(raw, source="x.yaml")
+    with pytest.raises(_schema.ConfigError, match=match):
+        _validate.parse(raw, source="x.yaml")
+
+
+@pytest.fixture
+def toy_method(monkeypatch):
+    """A method class defined here, registered in a copy of lrtt's registry that the fixture's
+    teardown (``monkeypatch.undo``) puts back: no other test sees it."""
+    import dataclasses
+
+    from lrtt.methods import Method
+
+    monkeypatch.setattr(Method, "_REGISTRY", dict(Method._REGISTRY))
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ToyAdapter(Method):
+        scale: float = 1.0
+
+    return ToyAdapter
+
+
+def test_a_new_method_class_is_known_to_the_config_by_its_name(toy_method, monkeypatch):
+    assert toy_method.NAME == "toy_adapter" and "toy_adapter" in _methods.method_names()
+    config = _validate.parse({**_raw(), "method": {"name": "toy_adapter", "scale": 2.0}})
+    assert _methods.build_method(config) == toy_method(scale=2.0)
+    with pytest.raises(_schema.ConfigError, match=r"must be one of \[.*'toy_adapter'\], got 'toy_adaptr'; did you "
+                                                  r"mean `toy_adapter`"):
+        _validate.parse({**_raw(), "method": {"name": "toy_adaptr"}})
+    with pytest.raises(_schema.ConfigError, match=r"unknown key\(s\) \['method.rank'\] for method `toy_adapter`"):
+        _methods.build_method(_validate.parse({**_raw(), "method": {"name": "toy_adapter", "rank": 4}}))
+    monkeypatch.undo()  # the fixture's teardown: the class is known no more
+    assert "toy_adapter" not in _methods.method_names() and "lora" in _methods.method_names()
+
+
+def test_method_names_are_the_registered_classes_names(toy_method):
+    import lrtt
+
+    bundled = {"full": lrtt.FullFineTune, "lora": lrtt.LoRA, "loretta_adp": lrtt.LorettaAdp,
+               "loretta_rep": lrtt.LorettaRep}
+    assert {name: lrtt.Method.registered()[name] for name in bundled} == bundled
+    assert set(bundled) < set(_methods.method_names())
+    with pytest.raises(TypeError, match="has the NAME 'lora' of LoRA; give it another NAME"):
+        class Lora(lrtt.Method):  # noqa: F841  (a second class under one name is refused when defined)
+            pass
 
 
 def test_ints_are_accepted_for_floats_and_bad_override_syntax_is_refused():
-    config = _config.parse({**_raw(), "train": {"lr": 1}})
+    config = _validate.parse({**_raw(), "train": {"lr": 1}})
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
-    with pytest.raises(_config.ConfigError, match="section.key=value"):
-        _config.apply_overrides(_raw(), ["train.steps"])
-    with pytest.raises(_config.ConfigError, match="does not exist"):
+    with pytest.raises(_schema.ConfigError, match="section.key=value"):
+        _overrides.apply_overrides(_raw(), ["train.steps"])
+    with pytest.raises(_schema.ConfigError, match="does not exist"):
         _config.load("configs/nope.yaml")
 
 
@@ -84,7 +126,7 @@ GOOD = "model: minilm\nmethod:\n  name: lora\n  rank: 8\noutput:\n  dir: runs/x\
 def _error(path, overrides=(), names=None) -> str:
     """The ConfigError message of loading ``path``, checked to be one line that names the file
     (or ``names``: ``--set`` for an override's own errors)."""
-    with pytest.raises(_config.ConfigError) as info:
+    with pytest.raises(_schema.ConfigError) as info:
         _config.load(path, list(overrides))
     message = str(info.value)
     assert "\n" not in message and "\r" not in message, message
@@ -132,7 +174,7 @@ def test_a_key_given_twice_is_named_with_both_lines(tmp_path, content, key, line
 
 
 def test_merge_keys_may_override_what_they_merge():
-    loaded = _config._load_yaml("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n", "f.yaml")
+    loaded = _strict_yaml.load_yaml("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n", "f.yaml")
     assert loaded["use"] == {"x": 3, "y": 2}
 
 
@@ -210,14 +252,14 @@ def test_the_cli_reports_a_bad_file_on_one_line(tmp_path, capsys):
     ],
 )
 def test_override_values(text, value):
-    got = _config.override_value(text)
+    got = _overrides.override_value(text)
     assert got == value and type(got) is type(value)
 
 
 def test_overrides_set_strings_as_written_and_empty_sections():
     raw = {**_raw(), "output": None}  # `output:` with nothing under it
-    raw = _config.apply_overrides(raw, ["output.dir=/x/run #1", "train.lr = 5.0e-3", "quantize.block_size=null"])
-    config = _config.parse(raw)
+    raw = _overrides.apply_overrides(raw, ["output.dir=/x/run #1", "train.lr = 5.0e-3", "quantize.block_size=null"])
+    config = _validate.parse(raw)
     assert config.output.dir == "/x/run #1" and config.train.lr == 5e-3 and config.quantize.block_size is None
     assert _raw()["train"] == {"steps": 10}  # the input is not changed
 
@@ -238,23 +280,23 @@ def test_overrides_set_strings_as_written_and_empty_sections():
     ],
 )
 def test_bad_overrides_are_named(item, match):
-    with pytest.raises(_config.ConfigError, match=match) as info:
-        _config.apply_overrides(_raw(), [item])
+    with pytest.raises(_schema.ConfigError, match=match) as info:
+        _overrides.apply_overrides(_raw(), [item])
     assert "\n" not in str(info.value)
 
 
 def test_a_section_that_is_not_a_mapping_cannot_take_a_key():
-    with pytest.raises(_config.ConfigError, match=r"`train` is not a section \(it is 5\), cannot set `train.steps`"):
-        _config.apply_overrides({**_raw(), "train": 5}, ["train.steps=3"])
+    with pytest.raises(_schema.ConfigError, match=r"`train` is not a section \(it is 5\), cannot set `train.steps`"):
+        _overrides.apply_overrides({**_raw(), "train": 5}, ["train.steps=3"])
 
 
 def test_a_number_for_a_string_key_suggests_quoting():
-    raw = _config.apply_overrides(_raw(), ["output.dir=2024"])
-    with pytest.raises(_config.ConfigError, match=r"`output.dir` must be str, got 2024 \(int\); quote it"):
-        _config.parse(raw)
-    assert _config.parse(_config.apply_overrides(_raw(), ["output.dir='2024'"])).output.dir == "2024"
-    with pytest.raises(_config.ConfigError, match=r"`output.export` must be bool, got 'yes' \(str\); write true or false"):
-        _config.parse(_config.apply_overrides(_raw(), ["output.export=yes"]))
+    raw = _overrides.apply_overrides(_raw(), ["output.dir=2024"])
+    with pytest.raises(_schema.ConfigError, match=r"`output.dir` must be str, got 2024 \(int\); quote it"):
+        _validate.parse(raw)
+    assert _validate.parse(_overrides.apply_overrides(_raw(), ["output.dir='2024'"])).output.dir == "2024"
+    with pytest.raises(_schema.ConfigError, match=r"`output.export` must be bool, got 'yes' \(str\); write true or false"):
+        _validate.parse(_overrides.apply_overrides(_raw(), ["output.export=yes"]))
 
 
 # --- strings: output.dir names a directory; no NUL anywhere ------------------------------------
@@ -262,10 +304,10 @@ def test_a_number_for_a_string_key_suggests_quoting():
 
 @pytest.mark.parametrize("value", ["", "   ", "\t"])
 def test_output_dir_must_name_a_directory(value):
-    raw = _config.apply_overrides(_raw(), [f"output.dir={value}"])
+    raw = _overrides.apply_overrides(_raw(), [f"output.dir={value}"])
     expected = re.escape(f"x.yaml: `output.dir` must name a directory, got {value!r}; set it")
-    with pytest.raises(_config.ConfigError, match=f"^{expected}"):
-        _config.parse(raw, source="x.yaml")
+    with pytest.raises(_schema.ConfigError, match=f"^{expected}"):
+        _validate.parse(raw, source="x.yaml")
 
 
 def test_an_empty_output_dir_in_a_file_is_named(tmp_path):
@@ -287,14 +329,14 @@ def test_a_nul_character_in_any_string_is_refused(tmp_path, content, match):
 
 
 def test_show_cuts_long_values():
-    assert _config.show("abc") == "'abc'" and _config.show(3) == "3" and _config.show(None) == "None"
-    assert _config.show("x" * 100) == "'" + "x" * 80 + "…' (100 characters)"
-    assert _config.show("a\nb") == "'a\\nb'"
-    assert len(_config.show(list(range(10**5)))) <= 81
-    assert _config.show(10**5000) == f"an integer of {(10**5000).bit_length()} bits"
+    assert _show.show("abc") == "'abc'" and _show.show(3) == "3" and _show.show(None) == "None"
+    assert _show.show("x" * 100) == "'" + "x" * 80 + "…' (100 characters)"
+    assert _show.show("a\nb") == "'a\\nb'"
+    assert len(_show.show(list(range(10**5)))) <= 81
+    assert _show.show(10**5000) == f"an integer of {(10**5000).bit_length()} bits"
     loop = []
     loop.append(loop)
-    assert _config.show(loop).endswith("...]]]]")  # a recursive list ends
+    assert _show.show(loop).endswith("...]]]]")  # a recursive list ends
 
 
 # --- resuming: which keys may change --------------------------------------------------------------
@@ -306,8 +348,8 @@ def _all_keys() -> list[str]:
     import typing
 
     keys = []
-    for field in dataclasses.fields(_config.RunConfig):
-        section = typing.get_type_hints(_config.RunConfig)[field.name]
+    for field in dataclasses.fields(_schema.RunConfig):
+        section = typing.get_type_hints(_schema.RunConfig)[field.name]
         if dataclasses.is_dataclass(section):
             keys += [f"{field.name}.{f.name}" for f in dataclasses.fields(section)]
         else:
@@ -318,11 +360,11 @@ def _all_keys() -> list[str]:
 def test_every_key_is_either_fixed_or_applied_on_resume():
     keys = _all_keys()
     for key in keys:
-        homes = [key in _config.FIXED, key in _config.APPLIES, key in _config.IDENTITY]
+        homes = [key in _resume_rules.FIXED, key in _resume_rules.APPLIES, key in _resume_rules.IDENTITY]
         assert homes.count(True) == 1, f"{key} must be in exactly one of FIXED, APPLIES (or IDENTITY): {homes}"
-    assert set(_config.FIXED) | set(_config.APPLIES) | set(_config.IDENTITY) == set(keys)  # no stale key
-    assert _config.IDENTITY == ("output.dir",)
-    table = _config.format_table()
+    assert set(_resume_rules.FIXED) | set(_resume_rules.APPLIES) | set(_resume_rules.IDENTITY) == set(keys)  # no stale key
+    assert _resume_rules.IDENTITY == ("output.dir",)
+    table = _resume_rules.format_table()
     assert table.startswith("| key |") and all(f"| `{key}` |" in table for key in keys)
 
 
@@ -332,15 +374,15 @@ def _config_of(*overrides):
 
 def test_resume_changes_split_refused_and_applied():
     old = _config_of().to_dict()
-    assert _config.resume_changes(old, _config_of()) == ([], [])
+    assert _resume_rules.resume_changes(old, _config_of()) == ([], [])
     new = _config_of("train.lr=5e-3", "train.steps=400", "method.rank=16", "data.seed=3", "output.dir=elsewhere",
                      "method.dropout=0.1")
-    refused, applied = _config.resume_changes(old, new)
+    refused, applied = _resume_rules.resume_changes(old, new)
     assert refused == [
-        _config.Change("method.rank", 8, 16), _config.Change("method.dropout", _config.UNSET, 0.1),
-        _config.Change("data.seed", 0, 3),
+        _resume_rules.Change("method.rank", 8, 16), _resume_rules.Change("method.dropout", _resume_rules.UNSET, 0.1),
+        _resume_rules.Change("data.seed", 0, 3),
     ]
-    assert applied == [_config.Change("train.steps", 200, 400), _config.Change("train.lr", 2e-3, 5e-3)]
+    assert applied == [_resume_rules.Change("train.steps", 200, 400), _resume_rules.Change("train.lr", 2e-3, 5e-3)]
 
 
 def test_resume_changes_read_missing_keys_as_defaults():
@@ -349,18 +391,18 @@ def test_resume_changes_read_missing_keys_as_defaults():
     del old["quantize"], old["train"]["max_skips"], old["output"]["keep"]  # an older lrtt's config
     old["train"]["retired_key"] = 1  # a key lrtt no longer has
     old["method"]["targets"] = ("query", "value")  # a list read back as a tuple is the same list
-    assert _config.resume_changes(old, new) == ([], [])
+    assert _resume_rules.resume_changes(old, new) == ([], [])
     old["train"]["on_nonfinite"] = "skip"
     old["method"].pop("alpha")
-    refused, applied = _config.resume_changes(old, new)
-    assert refused == [_config.Change("method.alpha", _config.UNSET, 16)]
-    assert applied == [_config.Change("train.on_nonfinite", "skip", "stop")]
+    refused, applied = _resume_rules.resume_changes(old, new)
+    assert refused == [_resume_rules.Change("method.alpha", _resume_rules.UNSET, 16)]
+    assert applied == [_resume_rules.Change("train.on_nonfinite", "skip", "stop")]
 
 
 def test_a_change_reads_as_key_old_arrow_new():
-    assert str(_config.Change("train.lr", 0.001, 0.005)) == "train.lr 0.001 → 0.005"
-    assert str(_config.Change("method.alpha", _config.UNSET, 16)) == "method.alpha (not set) → 16"
-    line = str(_config.Change("method.trainable", "x" * 10**6, "y"))
+    assert str(_resume_rules.Change("train.lr", 0.001, 0.005)) == "train.lr 0.001 → 0.005"
+    assert str(_resume_rules.Change("method.alpha", _resume_rules.UNSET, 16)) == "method.alpha (not set) → 16"
+    line = str(_resume_rules.Change("method.trainable", "x" * 10**6, "y"))
     assert len(line) < 150 and "(1000000 characters) → 'y'" in line
 
 
@@ -368,4 +410,4 @@ def test_docs_cli_holds_the_resume_table_as_the_code_has_it():
     from pathlib import Path
 
     docs = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
-    assert _config.format_table() in docs  # regenerate the table in docs/cli.md from format_table()
+    assert _resume_rules.format_table() in docs  # regenerate the table in docs/cli.md from format_table()

@@ -8,8 +8,8 @@ import lrtt
 import lrtt.data
 import lrtt.train
 from lrtt.cli._cluster import PrimaryError
-from lrtt.cli._config import ConfigError
 from lrtt.cli._rundir import RunDirectoryError, RunLockedError
+from lrtt.cli._schema import ConfigError
 
 PUBLIC = [obj for name, obj in vars(lrtt).items() if inspect.isclass(obj) and name.endswith("Error") and obj is not lrtt.Error] + [
     lrtt.train.DivergenceError, lrtt.data.BadRowError]

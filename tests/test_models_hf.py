@@ -241,7 +241,7 @@ MINILM_RUN = """
 import json, sys
 import numpy as np
 import lrtt
-from lrtt.cli import _config, _job, _tasks
+from lrtt.cli import _config, _methods, _restore, _tasks
 from lrtt.cli import _main as cli
 
 out, sets = sys.argv[1], sys.argv[2:]
@@ -249,8 +249,8 @@ assert cli.main(["train", "configs/minilm_bbc_lora.yaml", "--no-progress",
                  *[a for s in sets for a in ("--set", s)]]) == 0
 config = _config.load("configs/minilm_bbc_lora.yaml", sets)
 task = _tasks.build_task(config)
-method = _job.build_method(config)
-adapter = _job._restore_adapter(config, method, task)
+method = _methods.build_method(config)
+adapter = _restore.restore_adapter(config, method, task)
 batch = {k: np.asarray(v[:4]) for k, v in task.splits["test"].items()}
 merged = lrtt.merge(method, task.params, adapter)
 np.save(f"{out}/input_ids.npy", batch["input_ids"])

@@ -28,7 +28,7 @@ import numpy as np
 
 from lrtt import Error
 from lrtt.cli import _signals
-from lrtt.cli._config import ConfigError
+from lrtt.cli._schema import ConfigError
 from lrtt.cli._rundir import RunDirectoryError, RunLockedError, locked, remove_if_untouched
 
 T = TypeVar("T")

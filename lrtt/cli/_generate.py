@@ -17,7 +17,7 @@ import pathlib
 import sys
 from typing import Any
 
-from lrtt.cli._config import ConfigError, RunConfig
+from lrtt.cli._schema import ConfigError, RunConfig
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
@@ -182,7 +182,7 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
 
     import lrtt
     import lrtt.models
-    from lrtt.cli import _job, _tasks
+    from lrtt.cli import _methods, _restore, _tasks
 
     if config.model == "minilm":
         raise ConfigError("lrtt generate needs a language model (model: smollm2 or {path: DIR}); MiniLM classifies.")
@@ -216,10 +216,10 @@ def run(config: RunConfig, args: Any, restore: Any) -> None:
         method, stacked, order = _stacked_adapters(directories, params)
         apply = lrtt.factored(model)
     elif merged_dir is None:  # the run's checkpoint, factored over the (quantized) base
-        method = _job.build_method(config)
+        method = _methods.build_method(config)
         params = _tasks.quantized_base(config, params)
         holder = _tasks.Task("lm", model, params, {}, None, None, None, "perplexity")
-        adapter = _job._restore_adapter(config, method, holder, restore)
+        adapter = _restore.restore_adapter(config, method, holder, restore)
         params, apply = lrtt.wrap(method, params, adapter), lrtt.factored(model)
     else:
         apply = model

@@ -210,13 +210,13 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
     args = _parser().parse_args(argv)
     invocation.command = args.command
     with needs_extra():
-        from lrtt.cli import _config, _job
+        from lrtt.cli import _config, _evaluate, _export, _job, _methods, _outputs, _restore, _schema
 
     try:
         config = _config.load(args.config, args.overrides)
         invocation.output_dir = config.output.dir
         _signals.check()
-        restore = _job.RestoreFrom(getattr(args, "restore_step", None), getattr(args, "fallback", False))
+        restore = _restore.RestoreFrom(getattr(args, "restore_step", None), getattr(args, "fallback", False))
         if args.command == "train":
             from lrtt.cli import _cluster
 
@@ -227,23 +227,23 @@ def _run(argv: list[str] | None, invocation: _Invocation) -> int:
 
             _generate.run(config, args, restore)
         elif args.command == "eval":
-            result = _job.evaluate(config, args.split, restore, data=args.data)
+            result = _evaluate.evaluate(config, args.split, restore, data=args.data)
             if "perplexity" in result:  # a language model: one JSON line {"loss", "perplexity", "tokens"}
                 print(json.dumps(result))
             else:
                 print(json.dumps(result, indent=2))
         elif args.command == "export":
-            path = _job.export(config, out=args.out, restore=restore, overwrite=args.overwrite,
-                               format=args.format, serve_for=args.serve_for)
+            path = _export.export(config, out=args.out, restore=restore, overwrite=args.overwrite,
+                                  format=args.format, serve_for=args.serve_for)
             what = {"peft": "PEFT adapter"}.get(args.format, "merged params")
-            fmt = args.format or _job.default_format(config)
+            fmt = args.format or _export.default_format(config)
             print(f"{what} ({fmt}) written to {path}")
         else:
-            method = _job.build_method(config)
+            method = _methods.build_method(config)
             from lrtt.cli._tasks import build_task
 
-            print(_job.count_table(build_task(config).params, method))
-    except _config.ConfigError as err:
+            print(_outputs.count_table(build_task(config).params, method))
+    except _schema.ConfigError as err:
         print(f"lrtt: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

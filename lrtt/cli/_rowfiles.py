@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from lrtt.cli._config import ConfigError
+from lrtt.cli._schema import ConfigError
 from lrtt.cli.zoo import cache_root
 
 

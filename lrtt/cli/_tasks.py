@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt.cli._config import ConfigError, RunConfig
+from lrtt.cli._schema import ConfigError, RunConfig
 
 
 @dataclasses.dataclass

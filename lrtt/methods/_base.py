@@ -18,8 +18,9 @@ It holds no arrays and is hashable, so it can be a static argument of ``jax.jit`
 from __future__ import annotations
 
 import dataclasses
-import math
 import inspect
+import math
+import re
 from typing import Any, Collection, Sequence
 
 import jax
@@ -38,6 +39,11 @@ class Method:
     overrides them): no target patterns, no layouts, no adapter dropout, not mergeable.
     Subclasses implement :meth:`init` and :meth:`plan` and name the fields shown in their
     :attr:`label` in ``LABEL_FIELDS``.
+
+    Every subclass is registered when it is defined: by its class name (what :meth:`to_config`
+    writes and :meth:`from_config` reads) and by ``NAME``, its short snake_case name (``"lora"``;
+    by default the class name in snake_case, ``LorettaRep`` → ``"loretta_rep"``), which the
+    ``lrtt`` command's ``method.name`` takes (:meth:`registered`).
     """
 
     targets: tuple = ()
@@ -45,11 +51,29 @@ class Method:
     dropout: float = 0.0
     mergeable: bool = False
     LABEL_FIELDS: tuple[str, ...] = ()
-    _REGISTRY: dict[str, type] = {}
+    NAME: str = ""
+    _REGISTRY: dict[str, type] = {}  # class name -> class: the one registry of methods
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "NAME" not in cls.__dict__:  # a subclass of a method gets its own name, not its parent's
+            cls.NAME = _snake_case(cls.__name__)
+        other = Method.registered().get(cls.NAME)
+        if other is not None and other.__name__ != cls.__name__:
+            raise TypeError(f"method {cls.__name__} has the NAME {cls.NAME!r} of {other.__name__}; give it "
+                            "another NAME (a class attribute).")
         Method._REGISTRY[cls.__name__] = cls
+
+    @staticmethod
+    def registered() -> dict[str, type]:
+        """``{NAME: class}`` of every method class defined so far, in the order they were defined.
+
+        Example:
+          >>> import lrtt
+          >>> lrtt.Method.registered()["lora"] is lrtt.LoRA
+          True
+        """
+        return {cls.NAME: cls for cls in Method._REGISTRY.values()}
 
     def init(self, key: jax.Array, params: Any) -> Any:
         """The adapter: a tree of the new, trainable entries, keyed like the leaves they adapt."""
@@ -117,6 +141,11 @@ class Method:
         """``"LoRA(rank=8)"``: the class and the fields that tell two instances apart in a table."""
         shown = ", ".join(f"{k}={getattr(self, k)}" for k in self.LABEL_FIELDS)
         return f"{type(self).__name__}({shown})"
+
+
+def _snake_case(name: str) -> str:
+    """``"LorettaRep"`` → ``"loretta_rep"``: a class name as a method's default ``NAME``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -29,6 +29,7 @@ class FullFineTune(Method):
 
     mergeable = True
     LABEL_FIELDS = ()
+    NAME = "full"
     layouts = ()
 
     def __post_init__(self):

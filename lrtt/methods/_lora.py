@@ -76,6 +76,7 @@ class LoRA(Method):
 
     mergeable = True
     LABEL_FIELDS = ("rank",)
+    NAME = "lora"
 
     def __post_init__(self):
         object.__setattr__(self, "rank", check_positive_int(self.rank, "rank"))

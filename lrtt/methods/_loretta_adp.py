@@ -104,6 +104,7 @@ class LorettaAdp(Method):
 
     mergeable = False
     LABEL_FIELDS = ("bottleneck", "tt_rank")
+    NAME = "loretta_adp"
 
     def __post_init__(self, targets):
         object.__setattr__(self, "bottleneck", check_positive_int(self.bottleneck, "bottleneck"))

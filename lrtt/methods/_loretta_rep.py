@@ -94,6 +94,7 @@ class LorettaRep(Method):
 
     mergeable = True
     LABEL_FIELDS = ("rank", "tt_rank")
+    NAME = "loretta_rep"
 
     def __post_init__(self):
         object.__setattr__(self, "rank", check_positive_int(self.rank, "rank"))
