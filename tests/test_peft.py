@@ -1,4 +1,4 @@
-"""PEFT LoRA interop (lrtt/_peft.py, lrtt/_hf_names.py): format, name maps, refusals, and logits
+"""PEFT LoRA interop (lrtt/io/_peft_*.py, lrtt/io/_hf_names.py): format, name maps, refusals, and logits
 against the real `peft` on tiny PyTorch models whose weights are copied into the Flax ones.
 
 The format and error tests need only the `hf` extra (safetensors, transformers); the round
@@ -526,9 +526,9 @@ def test_vllm_check_refuses_the_head_and_trainable_leaves(tmp_path):
 
 def test_vllm_check_refuses_dora_and_passes_a_servable_adapter(tmp_path):
     with pytest.raises(ValueError, match=r"rank 600 is not one vLLM serves: use rank=512 or less"):
-        lrtt.io._peft.check_vllm({}, {"model.layers.0.self_attn.q_proj": 600})
+        lrtt.io._peft_save.check_vllm({}, {"model.layers.0.self_attn.q_proj": 600})
     with pytest.raises(ValueError, match=r"vLLM does not serve DoRA"):
-        lrtt.io._peft.check_vllm({"use_dora": True}, {"model.layers.0.self_attn.q_proj": 8})
+        lrtt.io._peft_save.check_vllm({"use_dora": True}, {"model.layers.0.self_attn.q_proj": 8})
     with pytest.raises(ValueError, match=r"`check` must be one of \[None, 'vllm'\]"):
         lrtt.save_peft(tmp_path / "x", lrtt.LoRA(rank=8, targets="q_proj"), {}, {}, check="tgi")
     directory, save = _vllm_save(tmp_path, lrtt.LoRA(rank=16, targets="q_proj|v_proj"))

@@ -33,7 +33,8 @@ if sys.version_info < (3, 12):
 import ecosystem_models as em  # noqa: E402
 import lrtt  # noqa: E402
 import lrtt.models  # noqa: E402
-from lrtt.models._tunix import save_tunix, tunix_hf_config  # noqa: E402
+from lrtt.models._tunix import save_tunix  # noqa: E402
+from lrtt.models._tunix_hf_config import tunix_hf_config  # noqa: E402
 
 BOUND = 1e-4
 SEQ = 12  # longer than the sliding windows (4) of Gemma 2 / 3

@@ -11,8 +11,11 @@ from lrtt.io._checkpoint_errors import (
     ForeignCheckpointError,
     NonFiniteError,
 )
-from lrtt.io._export import ExportError, ExportTarget, check_export_target, export_directory, export_merged, inspect_export, load_merged
-from lrtt.io._peft import PeftFileError, check_vllm, load_peft, save_peft
+from lrtt.io._export import export_directory, export_merged, load_merged
+from lrtt.io._export_target import ExportError, ExportTarget, check_export_target, inspect_export
+from lrtt.io._peft_format import PeftFileError
+from lrtt.io._peft_load import load_peft
+from lrtt.io._peft_save import check_vllm, save_peft
 
 __all__ = [
     "CheckpointCorruptError",

@@ -21,7 +21,9 @@ from lrtt._adapter import LoraFactors
 from lrtt._families import Family
 from lrtt._paths import named_leaves, nest
 from lrtt.io import _hf_names as names
-from lrtt.io import _peft as peft
+from lrtt.io import _peft_format as peft_format
+from lrtt.io import _peft_load as peft_load
+from lrtt.io import _peft_read as peft_read
 
 
 def module_map(family: Family, leaves: dict[str, Any]) -> dict[str, tuple[str, int]]:
@@ -56,18 +58,18 @@ def save_tensors(method: Any, low_rank: dict[str, Any], trained: dict[str, Any],
         a, b = (np.asarray(m, np.float32) for m in low_rank[path].factor_matrices())
         rank = a.shape[-1]
         for i, module in sorted(by_path[path]):
-            tensors[f"{peft.KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-            tensors[f"{peft.KEY_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+            tensors[f"{peft_format.KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{peft_format.KEY_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
             ranks[module] = rank
-            alphas[module] = peft._alpha(method, path, rank, low_rank[path].scale)
+            alphas[module] = peft_format._alpha(method, path, rank, low_rank[path].scale)
     return tensors, ranks, alphas, set(modules)
 
 
 def load(directory: str | os.PathLike, params: Any, family: Family):
     """``(method, adapter)`` of a PEFT LoRA directory on stacked params."""
-    config = peft._read_config(directory)
-    file = os.path.join(directory, peft.ADAPTER_WEIGHTS)
-    lora, full = peft._split_tensors(peft._read_tensors(directory), file)
+    config = peft_read._read_config(directory)
+    file = os.path.join(directory, peft_format.ADAPTER_WEIGHTS)
+    lora, full = peft_read._split_tensors(peft_read._read_tensors(directory), file)
     if full:
         raise ValueError(f"{file!r} holds full weights {sorted(full)[:3]} (modules_to_save): not read onto "
                          f"{family.stack}, whose layers are stacked. Load the LoRA factors alone.")
@@ -75,7 +77,7 @@ def load(directory: str | os.PathLike, params: Any, family: Family):
     modules = module_map(family, leaves)
     unknown = sorted(set(lora) - set(modules))
     if unknown:
-        raise ValueError(peft.NOT_IN_PARAMS.format(missing=unknown[:5], known=sorted(modules)[:5]))
+        raise ValueError(peft_load.NOT_IN_PARAMS.format(missing=unknown[:5], known=sorted(modules)[:5]))
     half = sorted(m for m, t in lora.items() if len(t) != 2)
     if half:
         raise ValueError(f"{file!r}: {half[:3]} have lora_A or lora_B but not both.")
@@ -103,9 +105,9 @@ def load(directory: str | os.PathLike, params: Any, family: Family):
         entries[path] = LoraFactors(jnp.asarray(a), jnp.asarray(b), float(scale))
         scales[path], rank_of[path] = alpha, rank
     ranks = dict(rank_of)
-    method = peft._method({**config, "r": max(set(ranks.values()), key=list(ranks.values()).count),
-                           "lora_alpha": max(set(scales.values()), key=list(scales.values()).count),
-                           "use_rslora": bool(config.get("use_rslora"))}, ranks, scales, [], leaves)
+    method = peft_load._method({**config, "r": max(set(ranks.values()), key=list(ranks.values()).count),
+                                "lora_alpha": max(set(scales.values()), key=list(scales.values()).count),
+                                "use_rslora": bool(config.get("use_rslora"))}, ranks, scales, [], leaves)
     return method, nest(entries)
 
 

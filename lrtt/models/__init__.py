@@ -20,7 +20,8 @@ from lrtt.models._gguf import convert as convert_gguf
 from lrtt.models._load import load
 from lrtt.models._model import Model
 from lrtt.models._save import save
-from lrtt.models._tunix import gemma_hf_config, save_gemma, save_tunix, tunix_hf_config
+from lrtt.models._tunix import save_gemma, save_tunix
+from lrtt.models._tunix_hf_config import gemma_hf_config, tunix_hf_config
 
 __all__ = ["DecoderConfig", "FAMILIES", "Model", "convert_gguf", "gemma_hf_config", "generate", "load", "parse_config",
            "save", "save_flax_model", "save_gemma", "save_tunix", "tunix_hf_config"]
