@@ -93,5 +93,5 @@ def _refuse_non_finite(tensors: dict[str, Any], subject: str, outcome: str) -> N
         raise NonFiniteError(
             f"{len(bad)} tensor(s) {subject} hold NaN or inf: {bad[:5]}{more}. {outcome} The adapter comes "
             "from a run that diverged: use an earlier checkpoint of that run, or retrain with a lower "
-            "learning rate."
+            "learning rate.", names=tuple(bad)
         )
