@@ -43,26 +43,38 @@ def _as_row(value: Any) -> dict | RowProblem:
     return RowProblem("not an object", f"the row is a JSON {_json_kind(value)}, not an object {{...}}")
 
 
-def jsonl_rows(path: pathlib.Path) -> Iterator[tuple[str, dict | RowProblem]]:
-    """One JSON object per line; blank lines are ignored."""
+def _not_utf8(err: UnicodeDecodeError, what: str) -> RowProblem:
+    return RowProblem("not UTF-8", f"the {what} is not UTF-8 ({err.reason} at byte {err.start})")
+
+
+def _lines(path: pathlib.Path) -> Iterator[tuple[int, str | RowProblem]]:
+    """``(number, line)`` of ``path`` from 1, a leading UTF-8 byte-order mark dropped; a line that
+    does not decode as UTF-8 is a :class:`RowProblem` instead."""
     with open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            if not raw.strip():
-                continue
-            source = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                yield number, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield source, RowProblem("not UTF-8", f"the line is not UTF-8 ({err.reason} at byte {err.start})")
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield source, RowProblem("invalid JSON", f"the line is not valid JSON ({err.msg}, column {err.colno})")
-                continue
-            yield source, _as_row(value)
+                yield number, _not_utf8(err, "line")
+
+
+def jsonl_rows(path: pathlib.Path) -> Iterator[tuple[str, dict | RowProblem]]:
+    """One JSON object per line; blank lines are ignored."""
+    for number, line in _lines(path):
+        source = f"{path}:{number}"
+        if isinstance(line, RowProblem):
+            yield source, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield source, RowProblem("invalid JSON", f"the line is not valid JSON ({err.msg}, column {err.colno})")
+            continue
+        yield source, _as_row(value)
 
 
 def json_rows(path: pathlib.Path) -> Iterator[tuple[str, dict | RowProblem]]:
@@ -203,31 +215,27 @@ def txt_rows(path: pathlib.Path, sample_by: str = "line") -> Iterator[tuple[str,
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
-            yield source, RowProblem("not UTF-8", f"the file is not UTF-8 ({err.reason} at byte {err.start})")
+            yield source, _not_utf8(err, "file")
             return
         yield source, {"text": text.rstrip("\r\n")}
         return
     paragraph: list[str] = []
     start = 0
-    with open_binary(path) as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                yield f"{path}:{number}", RowProblem("not UTF-8", f"the line is not UTF-8 ({err.reason} at byte {err.start})")
-                continue
-            if sample_by == "line":
-                if text.strip():
-                    yield f"{path}:{number}", {"text": text}
-            elif text.strip():
-                if not paragraph:
-                    start = number
-                paragraph.append(text)
-            elif paragraph:
-                yield f"{path}:{start}", {"text": "\n".join(paragraph)}
-                paragraph = []
+    for number, text in _lines(path):
+        if isinstance(text, RowProblem):
+            yield f"{path}:{number}", text
+            continue
+        text = text.rstrip("\r\n")
+        if sample_by == "line":
+            if text.strip():
+                yield f"{path}:{number}", {"text": text}
+        elif text.strip():
+            if not paragraph:
+                start = number
+            paragraph.append(text)
+        elif paragraph:
+            yield f"{path}:{start}", {"text": "\n".join(paragraph)}
+            paragraph = []
     if paragraph:
         yield f"{path}:{start}", {"text": "\n".join(paragraph)}
 
