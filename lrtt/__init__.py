@@ -19,7 +19,7 @@ from lrtt._adapter import (
     TTFactors as TTFactors,
     TTKernel as TTKernel,
     entries as entries,
-    entry as entry,
+    register_entry as register_entry,
 )
 from lrtt._combine import combine as combine
 from lrtt._count import (
@@ -115,7 +115,6 @@ __all__ = [
     "dequantize",
     "discover",
     "entries",
-    "entry",
     "export_merged",
     "factored",
     "inspect_export",
@@ -131,6 +130,7 @@ __all__ = [
     "parameter_table",
     "print_trainable_parameters",
     "quantize",
+    "register_entry",
     "resolve",
     "save_peft",
     "select",

@@ -8,7 +8,7 @@ self-describing and two adapters of different configs never share a tree structu
 Each entry type owns its math (:class:`Entry`): whether it fits the leaf it sits at
 (``misfit``), the leaf :func:`lrtt.wrap` puts there (``factored``), its dense update and merged
 value (``delta``, ``merged``, ``unmerged``) and its sharding (``partition_specs``). A new method
-with a new entry type is one module: subclass :class:`Entry`, register it with :func:`entry`.
+with a new entry type is one module: subclass :class:`Entry`, register it with :func:`register_entry`.
 
 =================  ==========================================  ==============================
 entry              arrays (``*stack`` = leading layer axes)    meaning at the adapted leaf
@@ -118,7 +118,7 @@ class Entry:
         return jax.tree.map(lambda _: P(), self)
 
 
-def entry(data: tuple[str, ...], meta: tuple[str, ...] = ()):
+def register_entry(data: tuple[str, ...], meta: tuple[str, ...] = ()):
     """Class decorator: a frozen dataclass pytree whose ``data`` fields are its arrays (the
     trainable leaves) and ``meta`` fields static (they ride in the tree structure)."""
 
@@ -220,7 +220,7 @@ class _LowRank(Entry):
         return self
 
 
-@entry(("a", "b"), ("scale",))
+@register_entry(("a", "b"), ("scale",))
 class LoraFactors(_LowRank):
     """LoRA factors: ``ΔW = scale · a @ b`` with ``a: (*stack, in, r)``, ``b: (*stack, r, out)``."""
 
@@ -272,7 +272,7 @@ class LoraFactors(_LowRank):
         return LoraFactors(P(*stack, _group_spec(ins), None), P(*stack, None, _group_spec(outs)), scale=self.scale)
 
 
-@entry(("a", "b"), ("scale", "n_in", "rank", "n_out"))
+@register_entry(("a", "b"), ("scale", "n_in", "rank", "n_out"))
 class TTFactors(_LowRank):
     """LoRETTA_rep factors: ``ΔW = scale · TT_A @ TT_B``, each matrix held as TT cores.
 
@@ -304,7 +304,7 @@ ACTIVATIONS = {
 }
 
 
-@entry(("down", "down_bias", "up", "up_bias"), ("position", "scale", "activation", "features", "bottleneck"))
+@register_entry(("down", "down_bias", "up", "up_bias"), ("position", "scale", "activation", "features", "bottleneck"))
 class BottleneckAdapter(Entry):
     """LoRETTA_adp tensorized bottleneck: ``f(h) = scale · (act(h @ D + d) @ U + u)``.
 
@@ -371,7 +371,7 @@ class BottleneckAdapter(Entry):
         raise NotMergeableError(NOT_MERGEABLE.format(method="LorettaAdp"))
 
 
-@entry(("cores",), ("n_in", "n_out"))
+@register_entry(("cores",), ("n_in", "n_out"))
 class TTKernel(Entry):
     """A kernel replaced by a trainable TT matrix ``(in, out)`` (LoRETTA's tensorized classifier)."""
 
@@ -399,7 +399,7 @@ class TTKernel(Entry):
         return self._in_layout(target, jnp.float32)
 
 
-@entry(("value",))
+@register_entry(("value",))
 class Trainable(Entry):
     """A leaf trained in full (layer norms, a classification head: PEFT's ``modules_to_save``)."""
 

@@ -234,7 +234,7 @@ def _low_rank_entries(method: Any, adapter: Any, k: int) -> dict[str, Any]:
             "Those cannot be weighted like low-rank factors: PEFT's add_weighted_adapter refuses two "
             "adapters that train the same module, and otherwise gives the new adapter an untrained copy "
             "of the base module. Combine the low-rank entries only: pass "
-            "{p: e for p, e in lrtt.entries(adapter).items() if not isinstance(e, lrtt.Trainable)}, "
+            "{p: e for p, e in lrtt.entries(adapter).items() if not e.whole_leaf}, "
             "and keep the trained leaves you want from one adapter yourself."
         )
     kind = _ENTRY_OF[type(method)]

@@ -23,7 +23,7 @@ from lrtt.methods._base import Method
 
 
 # --- a toy method in this file: ΔW[i, j] = c[j] (a learned shift of every output column) -------
-@lrtt.entry(("shift",))
+@lrtt.register_entry(("shift",))
 class ColumnShift(lrtt.Entry):
     """``ΔW = 1·cᵀ``: ``shift: (*stack, out)`` added to every row of the ``(in, out)`` matrix."""
 

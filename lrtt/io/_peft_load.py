@@ -97,7 +97,7 @@ def load_peft(directory: str | os.PathLike, params: Any, *, family: str | None =
     flat.update(_load_saved(config, full, flax_modules, alignment, leaves, set(flat), file))
     if embedding is not None:
         _check_tied(embedding, tied_head, full, alignment)
-    method = _method(config, ranks, alphas, sorted(p for p, e in flat.items() if isinstance(e, Trainable)), leaves)
+    method = _method(config, ranks, alphas, sorted(p for p, e in flat.items() if e.whole_leaf), leaves)
     return method, nest(flat)
 
 
