@@ -72,3 +72,13 @@ def test_a_non_finite_refusal_names_the_arrays_as_a_field(tmp_path):
         with pytest.raises(lrtt.NonFiniteError) as err:
             manager.save(1, bad)
     assert err.value.names == ("adapter q/kernel/a",)
+
+
+def test_a_distributed_setting_error_names_the_setting_and_renders_with_other_names(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(lrtt.train.DistributedSettingError) as err:
+        lrtt.train.initialize_distributed("10.0.0.2:8476", 2)
+    assert err.value.setting == "process_id" and "`process_id` is not set" in str(err.value)
+    assert err.value.render({"process_id": "--process-id"}).startswith("--process-id is not set")
+    assert isinstance(err.value, ValueError)

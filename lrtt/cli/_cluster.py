@@ -35,8 +35,8 @@ T = TypeVar("T")
 MESSAGE_BYTES = 4096  # the longest error message process 0 shares with the others
 
 # The library's argument names in its messages, and the command's flags for them.
-_FLAGS = {"`coordinator_address`": "`--coordinator-address`", "`num_processes`": "`--num-processes`",
-          "`process_id`": "`--process-id`"}
+_FLAGS = {"coordinator_address": "`--coordinator-address`", "num_processes": "`--num-processes`",
+          "process_id": "`--process-id`"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +69,8 @@ def join(coordinator_address: str | None = None, num_processes: int | None = Non
 
     try:
         lrtt.train.initialize_distributed(coordinator_address, num_processes, process_id)
-    except ValueError as err:
-        text = str(err)
-        for name, flag in _FLAGS.items():
-            text = text.replace(name, flag)
-        raise ConfigError(text) from None
+    except lrtt.train.DistributedSettingError as err:  # named by the flags, not the arguments
+        raise ConfigError(err.render(_FLAGS)) from None
     return current()
 
 

@@ -4,7 +4,11 @@ the sharding rules of a Mesh, and joining a multi-process job. See :mod:`lrtt.tr
 :mod:`lrtt.train._distributed`."""
 
 from lrtt._count import adapter_shapes as adapter_shapes
-from lrtt.train._distributed import Distributed as Distributed, initialize_distributed as initialize_distributed
+from lrtt.train._distributed import (
+    Distributed as Distributed,
+    DistributedSettingError as DistributedSettingError,
+    initialize_distributed as initialize_distributed,
+)
 from lrtt.train._guard import DivergenceError as DivergenceError, nonfinite_counts as nonfinite_counts, skip_nonfinite as skip_nonfinite
 from lrtt.train._sharding import (
     PARAM_RULE_PRESETS as PARAM_RULE_PRESETS,
@@ -30,6 +34,7 @@ from lrtt.train._steps import (
 
 __all__ = [
     "Distributed",
+    "DistributedSettingError",
     "DivergenceError",
     "FORWARDS",
     "MeshStep",

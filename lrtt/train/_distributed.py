@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrtt._errors import Error
 from lrtt._paths import path_str
 from lrtt._private import coordinator_address
 
@@ -40,6 +41,48 @@ class Distributed(NamedTuple):
     process_id: int
 
 
+ARGUMENTS = ("coordinator_address", "num_processes", "process_id")
+
+
+class DistributedSettingError(Error, ValueError):
+    """An incomplete or invalid multi-process setting (or a second join with other settings).
+
+    The message names the settings as :func:`initialize_distributed`'s arguments; an application
+    with its own names for them (command-line flags) renders it with those: ``err.render(names)``.
+
+    Attributes:
+      setting: the argument at fault (one of ``ARGUMENTS``), or None.
+      template: the message with ``{coordinator_address}``, ``{num_processes}``, ``{process_id}``
+        where it names a setting.
+    """
+
+    def __init__(self, template: str, *, setting: str | None = None):
+        self.template = template
+        self.setting = setting
+        super().__init__(self.render())
+
+    def render(self, names: "dict[str, str] | None" = None) -> str:
+        """The message with each setting named as ``names`` says (default: ```num_processes```...)."""
+        return self.template.format_map({**{a: f"`{a}`" for a in ARGUMENTS}, **(names or {})})
+
+    def __reduce__(self):
+        return (_rebuild, (self.template, self.setting))
+
+
+def _rebuild(template: str, setting: str | None) -> DistributedSettingError:
+    return DistributedSettingError(template, setting=setting)
+
+
+def _lit(value) -> str:
+    """``repr(value)`` safe inside a message template (braces doubled)."""
+    return repr(value).replace("{", "{{").replace("}", "}}")
+
+
+def _argument(env: str) -> str:
+    """The argument an environment variable stands for: ``JAX_NUM_PROCESSES`` → ``num_processes``."""
+    return env.removeprefix("JAX_").lower()
+
+
 def _env_int(name: str, value) -> int | None:
     """``value`` (an argument) or the variable ``name`` as an int, None if neither is set."""
     if value is None:
@@ -49,9 +92,11 @@ def _env_int(name: str, value) -> int | None:
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"the environment variable {name}={value!r} must be an integer; set it to one (or unset it).") from None
+            raise DistributedSettingError(f"the environment variable {name}={_lit(value)} must be an integer; set it to "
+                                          "one (or unset it).", setting=_argument(name)) from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name.removeprefix('JAX_').lower()}` must be an int, got {value!r} of type {type(value).__name__}.")
+        raise DistributedSettingError(f"{{{_argument(name)}}} must be an int, got {_lit(value)} of type "
+                                      f"{type(value).__name__}.", setting=_argument(name))
     return value
 
 
@@ -59,38 +104,37 @@ def _check_address(address: str) -> str:
     """``host:port`` with a non-empty host and a port in 1..65535 (``[::1]:1234`` for IPv6)."""
     host, sep, port = str(address).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
-            f"`coordinator_address` (or {ENV_ADDRESS}) must be 'host:port' — the address of process 0 "
-            f"and a free TCP port on it, e.g. '10.0.0.2:8476' or '127.0.0.1:8476' — got {address!r}."
-        )
+        raise DistributedSettingError(
+            f"{{coordinator_address}} (or {ENV_ADDRESS}) must be 'host:port' — the address of process 0 "
+            f"and a free TCP port on it, e.g. '10.0.0.2:8476' or '127.0.0.1:8476' — got {_lit(address)}.",
+            setting="coordinator_address")
     return str(address)
 
 
 def _check_settings(address: str | None, num_processes: int | None, process_id: int | None) -> Distributed:
     if num_processes is None:
-        raise ValueError(
-            f"`coordinator_address`={address!r} is set but not the number of processes: pass "
-            f"`num_processes` or set {ENV_NUM_PROCESSES} (and {ENV_PROCESS_ID} in each process)."
-        )
+        raise DistributedSettingError(
+            f"{{coordinator_address}}={_lit(address)} is set but not the number of processes: pass "
+            f"{{num_processes}} or set {ENV_NUM_PROCESSES} (and {ENV_PROCESS_ID} in each process).",
+            setting="num_processes")
     if num_processes < 1:
-        raise ValueError(f"`num_processes` (or {ENV_NUM_PROCESSES}) must be >= 1, got {num_processes}.")
+        raise DistributedSettingError(f"{{num_processes}} (or {ENV_NUM_PROCESSES}) must be >= 1, got {num_processes}.",
+                                      setting="num_processes")
     if address is None:
-        raise ValueError(
-            f"`num_processes`={num_processes} needs the coordinator: pass `coordinator_address`='host:port' "
-            f"(process 0's address and a free port) or set {ENV_ADDRESS}."
-        )
+        raise DistributedSettingError(
+            f"{{num_processes}}={num_processes} needs the coordinator: pass {{coordinator_address}}='host:port' "
+            f"(process 0's address and a free port) or set {ENV_ADDRESS}.", setting="coordinator_address")
     if process_id is None:
         if num_processes > 1:
-            raise ValueError(
-                f"`process_id` is not set for a job of {num_processes} processes: pass `process_id` "
-                f"(0..{num_processes - 1}, a different one in each process) or set {ENV_PROCESS_ID}."
-            )
+            raise DistributedSettingError(
+                f"{{process_id}} is not set for a job of {num_processes} processes: pass {{process_id}} "
+                f"(0..{num_processes - 1}, a different one in each process) or set {ENV_PROCESS_ID}.",
+                setting="process_id")
         process_id = 0
     if not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"`process_id` (or {ENV_PROCESS_ID}) must be in 0..{num_processes - 1} for {num_processes} "
-            f"processes, got {process_id}; number the processes 0, 1, ..., {num_processes - 1}."
-        )
+        raise DistributedSettingError(
+            f"{{process_id}} (or {ENV_PROCESS_ID}) must be in 0..{num_processes - 1} for {num_processes} "
+            f"processes, got {process_id}; number the processes 0, 1, ..., {num_processes - 1}.", setting="process_id")
     return Distributed(_check_address(address), num_processes, process_id)
 
 
@@ -99,10 +143,9 @@ def _already(wanted: Distributed) -> Distributed:
     joined = Distributed(coordinator_address(), jax.process_count(), jax.process_index())
     same = (joined.num_processes, joined.process_id) == (wanted.num_processes, wanted.process_id)
     if not same or (joined.coordinator_address not in (None, wanted.coordinator_address)):
-        raise ValueError(
-            f"JAX's distributed system is already initialized as {joined}, not as {wanted}; a "
-            "process joins one job once. Pass the same settings again, or restart the process."
-        )
+        raise DistributedSettingError(
+            f"JAX's distributed system is already initialized as {_lit(joined)}, not as {_lit(wanted)}; a "
+            "process joins one job once. Pass the same settings again, or restart the process.")
     return joined
 
 
@@ -136,8 +179,8 @@ def initialize_distributed(
       nothing is set (single process).
 
     Raises:
-      ValueError: an incomplete or invalid setting (the message names it and the fix), or a
-        second call with other settings.
+      DistributedSettingError: an incomplete or invalid setting (the message names it and the
+        fix; ``.setting`` is the argument), or a second call with other settings. A ``ValueError``.
       RuntimeError: a JAX backend was already initialized in this process.
 
     Examples:
@@ -165,10 +208,9 @@ def initialize_distributed(
     if address is None and num == 1 and pid in (None, 0):
         return None  # a launcher that always sets JAX_NUM_PROCESSES: one process needs no coordinator
     if num is None and pid is not None:
-        raise ValueError(
-            f"`process_id`={pid} is set but not the number of processes: pass `num_processes` or set "
-            f"{ENV_NUM_PROCESSES} (and {ENV_ADDRESS})."
-        )
+        raise DistributedSettingError(
+            f"{{process_id}}={pid} is set but not the number of processes: pass {{num_processes}} or set "
+            f"{ENV_NUM_PROCESSES} (and {ENV_ADDRESS}).", setting="num_processes")
     wanted = _check_settings(address, num, pid)
     if jax.distributed.is_initialized():
         return _already(wanted)
