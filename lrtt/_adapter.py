@@ -338,13 +338,13 @@ class BottleneckAdapter(Entry):
         return self.scale * (z @ up.astype(h.dtype) + u.astype(h.dtype))
 
     def misfit(self, target, leaf):
-        down = jax.eval_shape(lambda e: e.matrices()[0], self)
+        down, _, up, _ = jax.eval_shape(type(self).matrices, self)
         n = target.n_out if self.position == "after" else target.n_in
         side = "out" if self.position == "after" else "in"
-        if tuple(down.shape[:-2]) != tuple(target.stack) or down.shape[-2] != n:
-            return (f"its bottleneck ({self.position} the product) works on {down.shape[:-2]} stacks of "
-                    f"{down.shape[-2]} features but the leaf has {tuple(target.stack)} stacks of {n} {side} "
-                    f"features (layout {str(target.layout)!r})")
+        stack = tuple(target.stack)
+        if tuple(down.shape[:-2]) != stack or down.shape[-2] != n or tuple(up.shape[:-2]) != stack or up.shape[-1] != n:
+            return (f"its bottleneck ({self.position} the product) maps {down.shape} then {up.shape} but the leaf "
+                    f"has {stack} stacks of {n} {side} features (layout {str(target.layout)!r})")
         return None
 
     def _sibling_bias(self, site: Site):
@@ -383,9 +383,10 @@ class TTKernel(Entry):
         return _tt.materialize(self.cores, self.n_in, self.n_out)
 
     def misfit(self, target, leaf):
-        if (self.n_in, self.n_out) != (target.n_in, target.n_out):
-            return (f"its TT matrix is ({self.n_in}, {self.n_out}) but the leaf is a "
-                    f"({target.n_in}, {target.n_out}) (in, out) matrix (layout {str(target.layout)!r})")
+        shape = tuple(jax.eval_shape(type(self).matrix, self).shape)
+        if shape[-2:] != (target.n_in, target.n_out) or math.prod(shape) != math.prod(target.shape):
+            return (f"its TT matrix is {shape} but the leaf is a {tuple(target.stack) + (target.n_in, target.n_out)} "
+                    f"(*stack, in, out) matrix (layout {str(target.layout)!r})")
         return None
 
     def _in_layout(self, target, dtype):

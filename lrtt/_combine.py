@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lrtt._adapter import LoraFactors, TTFactors, entries
+from lrtt._adapter import LoraFactors, TTFactors, entries, is_entry
 from lrtt._paths import exact_patterns, nest
 from lrtt.methods._lora import LoRA
 from lrtt.methods._loretta_rep import LorettaRep
@@ -227,7 +227,7 @@ def _low_rank_entries(method: Any, adapter: Any, k: int) -> dict[str, Any]:
     found = entries(adapter)
     if not found:
         raise ValueError(f"adapter {k} has no entries: pass adapter trees made by method.init or lrtt.load_peft.")
-    trained = sorted(p for p, e in found.items() if e.whole_leaf)
+    trained = sorted(p for p, e in found.items() if is_entry(e) and e.whole_leaf)
     if trained:
         raise ValueError(
             f"adapter {k} trains leaves in full (Trainable, PEFT's modules_to_save): {trained[:5]}. "

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import jax
 
-from lrtt._adapter import entries
+from lrtt._adapter import entries, is_entry
 from lrtt._errors import Error
 from lrtt._paths import exact_patterns, named_leaves
 from lrtt._targets import Target, select
@@ -120,6 +120,12 @@ def resolve(method: Any, params: Any, adapter: Any, *, stacked: bool = False, co
       ['q/kernel']
     """
     flat = entries(adapter)
+    strays = sorted(p for p, e in flat.items() if not is_entry(e))
+    if strays:
+        raise AdapterMismatchError(
+            f"the adapter holds {len(strays)} leaves that are not adapter entries, e.g. {_some(strays)}: pass "
+            "the tree method.init(key, params) returned (or lrtt.load_peft / a checkpoint restored), not the "
+            "params or a tree with other arrays in it.", unknown=tuple(strays))
     leaves = dict(named_leaves(params))
     unknown = {p for p in flat if p not in leaves}
     on_matrix = {p for p, e in flat.items() if e.matrix_target and p not in unknown}

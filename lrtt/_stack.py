@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrtt._adapter import entries
+from lrtt._adapter import entries, is_entry
 from lrtt._paths import nest
 from lrtt.methods import LoRA, LorettaRep
 
@@ -49,7 +49,7 @@ jax.tree_util.register_dataclass(AdapterStack, data_fields=["tree"], meta_fields
 
 
 def _kind(entry: Any, path: str) -> type:
-    if entry.low_rank:
+    if is_entry(entry) and entry.low_rank:
         return type(entry)
     raise ValueError(
         f"the adapter entry at {path!r} is a {type(entry).__name__}: a stack holds LoRA and LorettaRep "

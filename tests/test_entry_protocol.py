@@ -192,3 +192,29 @@ def test_save_peft_checks_the_adapter_against_the_params_through_resolve(tmp_pat
     with pytest.raises(lrtt.AdapterMismatchError) as err:
         lrtt.save_peft(str(tmp_path / "p"), lora, made, {"q_proj": {"kernel": jnp.ones((8, 16))}})
     assert list(err.value.misfit) == ["q_proj/kernel"]
+
+
+def test_a_tree_with_arrays_that_are_not_entries_is_refused_with_a_value_error():
+    params, method, adapter = _lora_case()
+    stray = {**adapter, "extra": jnp.ones(3)}
+    for call in (lambda: lrtt.wrap(method, params, stray), lambda: lrtt.merge(method, params, stray),
+                 lambda: lrtt.save_peft("/nonexistent/never-written", method, params, params)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert "not adapter entries" in str(err.value) or "no PEFT equivalent" in str(err.value), str(err.value)
+    with pytest.raises(lrtt.AdapterMismatchError) as err:
+        lrtt.wrap(method, params, stray)
+    assert err.value.unknown == ("extra",)
+    with pytest.raises(ValueError, match="'extra' is a"):
+        lrtt.stack(method, [stray, stray])
+    specs = lrtt.train.adapter_specs(method, params, jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params), stray)
+    assert specs["extra"] == jax.sharding.PartitionSpec()
+
+
+def test_save_peft_writes_an_adapter_of_part_of_the_targets(tmp_path):
+    params = {"q_proj": {"kernel": jnp.ones((8, 8))}, "v_proj": {"kernel": jnp.ones((8, 8))}}
+    method = lrtt.LoRA(rank=2, targets=("q_proj", "v_proj"))
+    adapter = method.init(jax.random.key(0), params)
+    only_q = {"q_proj": jax.tree.map(lambda x: x + 1.0, adapter["q_proj"])}
+    config = lrtt.save_peft(str(tmp_path / "p"), method, only_q, params)
+    assert config["target_modules"] == ["q_proj"]

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from lrtt._adapter import entries
+from lrtt._adapter import entries, is_entry
 from lrtt._extras import needs_extra
 from lrtt._paths import named_leaves
 from lrtt._resolve import resolve
@@ -191,7 +191,8 @@ def check_vllm(config: dict, ranks: dict[str, int]) -> None:
 
 def _savable_entries(method: Any, adapter: Any, params: Any):
     """``({path: low-rank entry}, {path: trained array}, {path: Target})`` of an adapter PEFT can
-    hold, checked against ``params`` (:func:`lrtt.resolve`).
+    hold, checked against ``params`` (:func:`lrtt.resolve`; an adapter of part of the method's
+    targets saves what it holds).
 
     Raises:
       ValueError: a non-mergeable method, an entry of another kind, or no low-rank entry.
@@ -200,8 +201,8 @@ def _savable_entries(method: Any, adapter: Any, params: Any):
     if not method.mergeable:
         raise ValueError(NO_PEFT_EQUIVALENT.format(method=type(method).__name__))
     found = entries(adapter)
-    low_rank = {p: e for p, e in found.items() if e.low_rank}
-    trained = {p: e.value for p, e in found.items() if e.whole_leaf}
+    low_rank = {p: e for p, e in found.items() if is_entry(e) and e.low_rank}
+    trained = {p: e.value for p, e in found.items() if is_entry(e) and e.whole_leaf}
     others = sorted(set(found) - set(low_rank) - set(trained))
     if others:
         kinds = sorted({type(found[p]).__name__ for p in others})
@@ -212,7 +213,7 @@ def _savable_entries(method: Any, adapter: Any, params: Any):
             "the adapter has no LoRA factors to save (PEFT's format needs at least one target). "
             "Pass the adapter returned by method.init(key, params) after training."
         )
-    return low_rank, trained, resolve(method, params, adapter).targets
+    return low_rank, trained, resolve(method, params, adapter, covers=False).targets
 
 
 def _lora_tensors(method: Any, low_rank: dict[str, Any], targets: dict[str, Target]):

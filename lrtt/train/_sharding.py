@@ -165,12 +165,12 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
     if adapter is None:
         adapter = adapter_shapes(method, params)
     kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
-    on_matrix = [p for p, e in entries(adapter).items() if e.matrix_target]
+    on_matrix = [p for p, e in entries(adapter).items() if is_entry(e) and e.matrix_target]
     targets = {t.path: t for t in select(params, exact_patterns(on_matrix), layouts=method.layouts, require=False)}
 
     def spec_of(keypath, entry):
         path = path_str(keypath)
-        if entry.matrix_target and path not in targets:
+        if not is_entry(entry) or (entry.matrix_target and path not in targets):
             return jax.tree.map(lambda _: P(), entry)
         return entry.partition_specs(_kernel_spec(kernel_specs.get(path)), targets.get(path))
 
