@@ -83,6 +83,20 @@ def family(request):
     return request.param
 
 
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+"""XLA compiler options for tests, which compile far more than they run: the lowest backend
+optimization level, no expensive LLVM passes. The one copy; use it through :func:`quick_jit`."""
+
+
+def quick_jit(fn):
+    """``jax.jit(fn)`` compiled with :data:`FAST_COMPILE` (lowered and compiled on each call)."""
+
+    def call(*args):
+        return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
+
+    return call
+
+
 def perturb(tree, key, scale=0.1):
     """Add Gaussian noise to every array leaf (makes B / zeroed cores non-zero)."""
     leaves, treedef = jax.tree.flatten(tree)

@@ -19,7 +19,8 @@ import pytest
 
 import ecosystem_models as models
 import lrtt
-from test_factored import factored_and_merged, quick_jit, random_adapter
+from conftest import quick_jit
+from test_factored import factored_and_merged, random_adapter
 
 LAYERS = models.LAYERS
 

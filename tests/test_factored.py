@@ -16,10 +16,10 @@ from flax import nnx
 from jax import lax
 
 import lrtt
+from conftest import quick_jit
 from lrtt import _factored
 
 RTOL = 1e-5
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _normal(seed, shape, scale=0.3):
@@ -75,15 +75,6 @@ def factored_and_merged(method, params, adapter, fn, *args):
     assert_close(y, y_ref)
     assert_close(g, g_ref)
     return y
-
-
-def quick_jit(fn):
-    """``jax.jit(fn)`` compiled at XLA's lowest optimization level (tests compile more than run)."""
-
-    def call(*args):
-        return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-    return call
 
 
 # --- a plain jnp model that uses its kernels the ways real models do -----------------------------

@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 
 import lrtt  # noqa: E402
 from lrtt._paths import replace_leaves  # noqa: E402
-from test_factored import _dense_products, _normal, assert_close, factored_and_merged, quick_jit, random_adapter  # noqa: E402
+from conftest import quick_jit  # noqa: E402
+from test_factored import _dense_products, _normal, assert_close, factored_and_merged, random_adapter  # noqa: E402
 
 FAMILIES = ("gpt2", "llama", "bert")
 _models: dict = {}

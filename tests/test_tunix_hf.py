@@ -33,6 +33,7 @@ if sys.version_info < (3, 12):
 import ecosystem_models as em  # noqa: E402
 import lrtt  # noqa: E402
 import lrtt.models  # noqa: E402
+from conftest import quick_jit  # noqa: E402
 from lrtt.models._tunix import save_tunix  # noqa: E402
 from lrtt.models._tunix_hf_config import tunix_hf_config  # noqa: E402
 
@@ -113,9 +114,8 @@ def _random_adapter(method, params, seed=3, scale=0.1):
 
 
 def _run(fn, *args):
-    """``fn(*args)`` compiled at XLA's lowest optimization level (these tests compile more than run)."""
-    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-    return jax.jit(fn).lower(*args).compile(fast)(*args)
+    """``fn(*args)`` compiled with the tests' fast-compile options (these tests compile more than run)."""
+    return quick_jit(fn)(*args)
 
 
 def _rel(actual, expected) -> float:
