@@ -48,28 +48,32 @@ class ColumnShift(lrtt.Entry):
         return w.astype(jnp.float32) - self.delta(target).astype(jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ShiftMethod(Method):
-    targets: Any = ("q/kernel",)
-    layouts: tuple = ()
-    mergeable = True
+def _define_shift_method():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ShiftMethod(Method):
+        targets: Any = ("q/kernel",)
+        layouts: tuple = ()
+        mergeable = True
 
-    def plan(self, params):
-        return tuple(lrtt.select(params, self.targets, layouts=self.layouts))
+        def plan(self, params):
+            return tuple(lrtt.select(params, self.targets, layouts=self.layouts))
 
-    def init(self, key, params):
-        flat = {}
-        for target in self.plan(params):
-            key, k = jax.random.split(key)
-            flat[target.path] = ColumnShift(0.1 * jax.random.normal(k, (*target.stack, target.n_out)))
-        return nest(flat)
+        def init(self, key, params):
+            flat = {}
+            for target in self.plan(params):
+                key, k = jax.random.split(key)
+                flat[target.path] = ColumnShift(0.1 * jax.random.normal(k, (*target.stack, target.n_out)))
+            return nest(flat)
+
+    return ShiftMethod
 
 
-@pytest.fixture(autouse=True)
-def _forget_toy_method():
-    yield
-    for registry in (getattr(Method, "_REGISTRY", {}),):
-        registry.pop("ShiftMethod", None)
+@pytest.fixture
+def ShiftMethod(monkeypatch):
+    """The toy method, defined per test on a copy of the method registry (defining a Method
+    subclass registers it; other tests must not see it)."""
+    monkeypatch.setattr(Method, "_REGISTRY", dict(Method._REGISTRY))
+    return _define_shift_method()
 
 
 def _model(params, x):
@@ -82,7 +86,7 @@ def _params():
     return {"q": {"kernel": jax.random.normal(k1, (6, 5))}, "o": {"kernel": jax.random.normal(k2, (5, 3))}}
 
 
-def test_a_toy_method_with_its_own_entry_runs_init_wrap_factored_merge_delta_and_checkpoint(tmp_path):
+def test_a_toy_method_with_its_own_entry_runs_init_wrap_factored_merge_delta_and_checkpoint(tmp_path, ShiftMethod):
     params, method = _params(), ShiftMethod()
     adapter = method.init(jax.random.key(1), params)
     x = jax.random.normal(jax.random.key(2), (4, 6))
@@ -122,7 +126,7 @@ def test_a_toy_method_with_its_own_entry_runs_init_wrap_factored_merge_delta_and
     assert type(restored["q"]["kernel"]) is ColumnShift
 
 
-def test_a_toy_entry_that_does_not_fit_its_leaf_is_a_mismatch_naming_it():
+def test_a_toy_entry_that_does_not_fit_its_leaf_is_a_mismatch_naming_it(ShiftMethod):
     params, method = _params(), ShiftMethod()
     bad = {"q": {"kernel": ColumnShift(jnp.zeros((7,)))}}
     with pytest.raises(lrtt.AdapterMismatchError) as err:
@@ -130,7 +134,7 @@ def test_a_toy_entry_that_does_not_fit_its_leaf_is_a_mismatch_naming_it():
     assert err.value.misfit == {"q/kernel": "its shift is (7,), the leaf has 5 outputs"}
 
 
-def test_a_toy_entry_without_a_peft_form_is_refused_by_save_peft(tmp_path):
+def test_a_toy_entry_without_a_peft_form_is_refused_by_save_peft(tmp_path, ShiftMethod):
     params, method = _params(), ShiftMethod()
     with pytest.raises(ValueError, match="ColumnShift"):
         lrtt.save_peft(str(tmp_path / "peft"), method, method.init(jax.random.key(0), params), params)
