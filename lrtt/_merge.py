@@ -71,7 +71,7 @@ def merge(method: Any, params: Any, adapter: Any, *, dtype: Any = None) -> Any:
     Raises:
       NotMergeableError: for LorettaAdp (non-linear, see ``NOT_MERGEABLE``).
       AdapterMismatchError: an adapter made for other params (leaves they lack, other shapes,
-        or selected leaves it has no entry for); both are ``ValueError``\ s.
+        or selected leaves it has no entry for); both are ValueErrors.
     """
     return _apply(method, params, adapter, +1.0, dtype)
 
