@@ -133,7 +133,7 @@ def _shape_of(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def _as(x: jax.Array, dtype) -> jax.Array:
+def as_dtype(x: jax.Array, dtype) -> jax.Array:
     """``x`` in ``dtype``; no conversion is traced when it already is."""
     return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
@@ -145,7 +145,7 @@ def scaled_product(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     own, which on LLaMA-2-70B's 560 targets costs more than the whole rest of ``merge``.
     """
     dtype = jnp.promote_types(a.dtype, b.dtype)
-    a, b = _as(a, dtype), _as(b, dtype)
+    a, b = as_dtype(a, dtype), as_dtype(b, dtype)
     stack = tuple(range(a.ndim - 2))
     dw = lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (stack, stack)), precision=lax.Precision.HIGHEST)
     return lax.mul(dw, np.asarray(scale, dtype))
@@ -194,10 +194,10 @@ class _LowRank(Entry):
         return target.layout.from_matrix(scaled_product(a, b, self.scale), target.shape)
 
     def merged(self, w0, target):
-        return lax.add(_as(w0, jnp.float32), _as(self.delta(target), jnp.float32))
+        return lax.add(as_dtype(w0, jnp.float32), as_dtype(self.delta(target), jnp.float32))
 
     def unmerged(self, w, target):
-        return lax.sub(_as(w, jnp.float32), _as(self.delta(target), jnp.float32))
+        return lax.sub(as_dtype(w, jnp.float32), as_dtype(self.delta(target), jnp.float32))
 
     # --- a stack of adapters (lrtt.stack): members of one entry type, one slot each ---
     @classmethod

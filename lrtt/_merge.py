@@ -5,19 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax import lax
 
-from lrtt._adapter import NOT_MERGEABLE, NotMergeableError
+from lrtt._adapter import NOT_MERGEABLE, NotMergeableError, as_dtype
 from lrtt._paths import is_quantized, replace_leaves
 from lrtt._quant import dequantize_leaf
 from lrtt._resolve import resolve
 
 __all__ = ["NOT_MERGEABLE", "delta", "merge", "unmerge"]
-
-
-def _as(x: jax.Array, dtype) -> jax.Array:
-    """``x`` in ``dtype``; no conversion is traced when it already is."""
-    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
 
 def delta(method: Any, params: Any, adapter: Any) -> dict[str, jax.Array]:
@@ -50,7 +44,7 @@ def _apply(method: Any, params: Any, adapter: Any, sign: float, dtype: Any = Non
         w0 = dequantize_leaf(w0) if is_quantized(w0) else w0
         target = resolved.targets.get(path)
         value = entry.merged(w0, target) if sign > 0 else entry.unmerged(w0, target)
-        replacements[path] = _as(value, out_dtype)
+        replacements[path] = as_dtype(value, out_dtype)
     for path, leaf in resolved.leaves.items():  # a quantized leaf that is not adapted: its float value
         if path not in replacements and is_quantized(leaf):
             replacements[path] = dequantize_leaf(leaf, dtype)
