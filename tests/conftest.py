@@ -13,12 +13,29 @@ import jax
 import numpy as np
 import pytest
 
+try:  # once per process at start-up (~4 s), not inside whichever test first builds a tiny model
+    import transformers.models.gpt2.modeling_flax_gpt2  # noqa: F401
+    import transformers.models.llama.modeling_flax_llama  # noqa: F401
+    import transformers.models.bert.modeling_flax_bert  # noqa: F401
+except ImportError:  # transformers 5 (no Flax classes) or none: the tests that need them skip or are not run
+    pass
+
+
+def _built(model_class, config):
+    """``model_class(config, seed=0)`` with its random init jitted: the eager init compiles one
+    program per op (3–4 s for the first tiny model in a process, 1.1–1.3 s jitted); same values."""
+    model = model_class(config, seed=0, _do_init=False)
+    init = jax.jit(model.init_weights, static_argnums=1)
+    model._is_initialized = True  # what lrtt._private.mark_flax_model_initialized sets
+    model.params = init(jax.random.PRNGKey(0), model.input_shape)
+    return model
+
 
 def _gpt2():
     from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
     config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16)
-    return FlaxGPT2LMHeadModel(config, seed=0)
+    return _built(FlaxGPT2LMHeadModel, config)
 
 
 def _llama():
@@ -28,7 +45,7 @@ def _llama():
         num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=64, max_position_embeddings=16,
     )
-    return FlaxLlamaForCausalLM(config, seed=0)
+    return _built(FlaxLlamaForCausalLM, config)
 
 
 def _bert():
@@ -38,7 +55,7 @@ def _bert():
         num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
         vocab_size=64, max_position_embeddings=16, num_labels=3,
     )
-    return FlaxBertForSequenceClassification(config, seed=0)
+    return _built(FlaxBertForSequenceClassification, config)
 
 
 def _roberta():
@@ -48,7 +65,7 @@ def _roberta():
         num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
         vocab_size=64, max_position_embeddings=20, num_labels=2,
     )
-    return FlaxRobertaForSequenceClassification(config, seed=0)
+    return _built(FlaxRobertaForSequenceClassification, config)
 
 
 def pytest_collection_modifyitems(items):
@@ -88,21 +105,16 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 optimization level, no expensive LLVM passes. The one copy; use it through :func:`quick_jit`."""
 
 
-def quick_jit(fn):
-    """``jax.jit(fn)`` compiled with :data:`FAST_COMPILE` (lowered and compiled on each call)."""
-
-    def call(*args):
-        return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-    return call
+def quick_jit(fn, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs)`` compiled with :data:`FAST_COMPILE` (cached like any jit)."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **jit_kwargs)
 
 
 def perturb(tree, key, scale=0.1):
-    """Add Gaussian noise to every array leaf (makes B / zeroed cores non-zero)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
+    """Add Gaussian noise to every array leaf (makes B / zeroed cores non-zero). numpy's noise,
+    seeded by ``key``: jax.random would compile one eager program per leaf shape."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    return jax.tree.map(lambda x: x + (scale * rng.standard_normal(x.shape)).astype(x.dtype), tree)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 factored execution that dequantizes each kernel at its dot_general only."""
 
 import contextlib
+import functools
 import io
 
 import jax
@@ -62,6 +63,7 @@ def test_quantize_refuses_a_block_size_that_does_not_divide_and_an_unknown_forma
         lrtt.quantize({"v": jnp.ones((64, 7))}, "v", packed=True)
 
 
+@functools.cache  # params are immutable: tests share one quantized copy per family and format
 def _quantized(family, qtype="nf4"):
     model = tiny_model(family)
     params = lrtt.quantize(model.params, "all-linear", qtype=qtype, block_size=16)

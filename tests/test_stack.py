@@ -10,6 +10,7 @@ import pytest
 
 import lrtt
 import lrtt.models
+from conftest import quick_jit
 
 CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32,
               intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -19,15 +20,15 @@ CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size
 @pytest.fixture(scope="module")
 def llama():
     model = lrtt.models.Model.from_config(CONFIG)
-    return model, model.init(0), jax.jit(lrtt.factored(model))  # jitted: eager op-by-op is slower
+    return model, model.init(0), jax.jit(lrtt.factored(model))  # tests call it inside one quick_jit each
 
 
 def _noisy(method, params, seed, amount=0.05):
-    """A trained-looking adapter: method.init plus noise (B = 0 would make every member the base)."""
+    """A trained-looking adapter: method.init plus noise (B = 0 would make every member the base).
+    The noise is numpy's: jax.random would compile one program per leaf shape, eagerly."""
     adapter = method.init(jax.random.key(seed), params)
-    leaves, tree = jax.tree.flatten(adapter)
-    keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + amount * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(100 + seed)
+    return jax.tree.map(lambda x: x + (amount * rng.standard_normal(x.shape)).astype(x.dtype), adapter)
 
 
 def _members(params):
@@ -52,11 +53,17 @@ def test_each_row_runs_with_its_own_adapter(llama, kind):
     stacked = lrtt.stack(method, adapters)
     tokens = jax.random.randint(jax.random.key(3), (5, 7), 0, 64)
     ids = np.array([2, -1, 0, 2, 1], np.int32)
-    out = apply(lrtt.wrap(method, params, stacked, adapter_ids=ids), tokens)
+
+    @quick_jit  # one compile for the stack and every row alone
+    def mixed_and_alone(params, stacked, adapters):
+        out = apply(lrtt.wrap(method, params, stacked, adapter_ids=ids), tokens)
+        alone = [model(params, tokens[row:row + 1]) if k < 0 else
+                 apply(lrtt.wrap(method, params, adapters[k]), tokens[row:row + 1]) for row, k in enumerate(ids)]
+        return out, alone
+
+    out, alone = mixed_and_alone(params, stacked, adapters)
     for row, k in enumerate(ids):
-        alone = model(params, tokens[row:row + 1]) if k < 0 else \
-            apply(lrtt.wrap(method, params, adapters[k]), tokens[row:row + 1])
-        assert _max_rel(out[row], alone[0]) < 1e-5, (row, k)
+        assert _max_rel(out[row], alone[row][0]) < 1e-5, (row, k)
     # a member of another rank / scale really differs from the others (the test can fail)
     assert _max_rel(out[4], out[2]) > 1e-3
 
@@ -77,10 +84,15 @@ def test_gradients_of_a_mixed_batch_are_each_members_own(llama, kind):
     def alone(adapter, rows):
         return jnp.sum(apply(lrtt.wrap(method, params, adapter), tokens[rows]) * probe[rows])
 
-    grads = jax.grad(mixed)(stacked)
+    members = ((0, [1]), (2, [0, 2]))
+
+    @quick_jit  # one compile for the mixed gradient and each member's own
+    def gradients(stacked):
+        return jax.grad(mixed)(stacked), [jax.grad(alone)(lrtt.member(stacked, k), np.array(rows)) for k, rows in members]
+
+    grads, expected_grads = gradients(stacked)
     tolerance = 1e-5 if kind == "lora" else 5e-5  # TT cores: products of float32 cores (2e-5 seen)
-    for k, rows in ((0, [1]), (2, [0, 2])):
-        expected = jax.grad(alone)(lrtt.member(stacked, k), np.array(rows))
+    for (k, rows), expected in zip(members, expected_grads):
         for g, e in zip(jax.tree.leaves(grads.tree), jax.tree.leaves(expected)):
             assert _max_rel(g[k], e) < tolerance
     assert all(float(jnp.max(jnp.abs(g[1]))) == 0.0 for g in jax.tree.leaves(grads.tree))  # member 1: no rows
@@ -103,18 +115,19 @@ def test_one_step_trains_every_member_on_its_own_rows(llama):
         losses = row_losses(apply(lrtt.wrap(method, params, stacked, adapter_ids=ids), tokens))
         return sum(jnp.mean(losses[ids == k]) for k in range(3))
 
-    grads = jax.grad(mixed)(stacked)
-    updates, _ = optimizer.update(grads, optimizer.init(stacked), stacked)
-    stepped = optax.apply_updates(stacked, updates)
-    for k in range(3):
-        member = lrtt.member(stacked, k)
+    def step(adapter, loss):
+        updates, _ = optimizer.update(jax.grad(loss)(adapter), optimizer.init(adapter), adapter)
+        return optax.apply_updates(adapter, updates)
 
-        def alone(adapter):
-            return jnp.mean(row_losses(apply(lrtt.wrap(method, params, adapter), tokens[ids == k])))
+    def alone(k):
+        return lambda adapter: jnp.mean(row_losses(apply(lrtt.wrap(method, params, adapter), tokens[ids == k])))
 
-        g = jax.grad(alone)(member)
-        u, _ = optimizer.update(g, optimizer.init(member), member)
-        expected = optax.apply_updates(member, u)
+    @quick_jit  # one compile for the stack's step and each member's own
+    def steps(stacked):
+        return step(stacked, mixed), [step(lrtt.member(stacked, k), alone(k)) for k in range(3)]
+
+    stepped, expected_members = steps(stacked)
+    for k, expected in enumerate(expected_members):
         for x, e in zip(jax.tree.leaves(lrtt.member(stepped, k)), jax.tree.leaves(expected)):
             np.testing.assert_allclose(x, e, rtol=1e-5, atol=1e-7)
 
