@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -14,9 +15,8 @@ import numpy as np
 import pytest
 
 try:  # once per process at start-up (~4 s), not inside whichever test first builds a tiny model
-    import transformers.models.gpt2.modeling_flax_gpt2  # noqa: F401
-    import transformers.models.llama.modeling_flax_llama  # noqa: F401
-    import transformers.models.bert.modeling_flax_bert  # noqa: F401
+    for _family in ("gpt2", "llama", "bert", "roberta"):
+        importlib.import_module(f"transformers.models.{_family}.modeling_flax_{_family}")
 except ImportError:  # transformers 5 (no Flax classes) or none: the tests that need them skip or are not run
     pass
 
