@@ -18,8 +18,8 @@ skips what the file already holds, so a killed study continues where it stopped)
    continued to the last budget (``--budgets``' largest): the state after the sweep is kept in
    memory when the sweep ran in this process (else its steps are replayed: the same batches),
    and a constant learning rate makes the continuation equal to one long run;
-3. **targets**: each method on ``--wide-targets`` (all-linear) at its best q,v learning rate,
-   ``--sweep-steps`` steps.
+3. **targets**: each method on ``--wide-targets`` (all-linear) at its best q,v learning rate
+   (or at each of ``--wide-lrs``), ``--sweep-steps`` steps.
 
 The table printed at the end gives, per method and budget, the loss reduction (held-out loss of
 the base − after) and its fraction of LoRA's at the same budget and targets, with the trainable
@@ -64,6 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--long-methods", nargs="*", default=None, help="the long phase's methods (default: --methods)")
     parser.add_argument("--wide-methods", nargs="*", default=None, help="the targets phase's (default: --methods)")
     parser.add_argument("--skip-targets", action="store_true")
+    parser.add_argument("--wide-lrs", type=float, nargs="*", default=None,
+                        help="the targets phase's learning rates (default: each method's best on q,v)")
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=10)
@@ -245,9 +247,9 @@ def main(argv=None) -> None:
             run(task, name, "qv", lr, [b for b in args.budgets if b > args.sweep_steps], args, "long", study)
     if not args.skip_targets:
         for name in args.wide_methods or args.methods:
-            lr = best_lr(runs, name, "qv", args.sweep_steps)
-            if ("sweep", name, args.wide_targets, lr) not in runs:
-                run(task, name, args.wide_targets, lr, sweep_budgets, args, "sweep")
+            for lr in args.wide_lrs or [best_lr(runs, name, "qv", args.sweep_steps)]:
+                if ("sweep", name, args.wide_targets, lr) not in runs:
+                    run(task, name, args.wide_targets, lr, sweep_budgets, args, "sweep")
     runs = done_runs(args.out)
     print("\n".join(table({k: v for k, v in runs.items() if k != base_key}, runs[base_key]["held_out"]["0"])))
 
