@@ -76,8 +76,9 @@ def packed_optimizer(inner: optax.GradientTransformation) -> optax.GradientTrans
     return optax.GradientTransformation(lambda params: inner.init(pack(params)), update)
 
 
-def packed_is_exact(adapter) -> bool:
-    """Whether two AdamW steps on :func:`pack`'s vectors give the per-leaf updates bit for bit."""
+def packed_difference(adapter) -> float:
+    """The largest relative difference between two AdamW steps' updates on :func:`pack`'s vectors
+    and per leaf (0.0 on jax 0.10.2; float32 rounding, ~3e-7, where XLA fuses them differently)."""
     grads = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.1, adapter)
     results = []
     for optimizer in (optax.adamw(1e-2), packed_optimizer(optax.adamw(1e-2))):
@@ -88,7 +89,7 @@ def packed_is_exact(adapter) -> bool:
                 updates.append(u)
             return updates
         results.append(jax.tree.leaves(jax.jit(two_steps)(adapter, grads)))
-    return all(np.array_equal(a, b) for a, b in zip(*results))
+    return max(float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-30))) for a, b in zip(*results))
 
 
 def _layer_groups(adapter) -> tuple[list, dict]:
@@ -166,8 +167,8 @@ def main(argv=None) -> None:
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cpus; GPT-2 layers={args.layers} "
           f"hidden={args.hidden}, rank {args.rank}, targets {args.targets!r}; {rounds} rounds", flush=True)
     for name in ("LoRA factored", "rep factored"):
-        print(f"  {name}: AdamW on packed vectors equals AdamW per leaf, bit for bit: "
-              f"{packed_is_exact(variants[name][1])}", flush=True)
+        print(f"  {name}: AdamW on packed vectors against AdamW per leaf, largest relative difference: "
+              f"{packed_difference(variants[name][1]):.1e}", flush=True)
     seconds: dict = {}
     for r in range(rounds):
         for layout in LAYOUTS:

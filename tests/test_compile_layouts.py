@@ -1,5 +1,5 @@
 """benchmarks/compile_layouts.py's layouts hold the same adapter: the packed optimizer is AdamW
-per leaf bit for bit, and stacking over the layers round-trips (the compile seconds it prints
+per leaf up to float32 rounding, and stacking over the layers round-trips (the compile seconds it prints
 are measured there, not here)."""
 
 import importlib.util
@@ -39,7 +39,7 @@ def _adapters():
 
 def test_packed_adamw_is_adamw_per_leaf_and_stacking_round_trips(layouts):
     for method, adapter in _adapters():
-        assert layouts.packed_is_exact(adapter), type(method).__name__
+        assert layouts.packed_difference(adapter) < 1e-6, type(method).__name__  # jax 0.12: ~3e-7 (XLA's fusion)
         assert len(layouts.pack(adapter)) == 12  # one vector per factor matrix: 6 targets x (A, B)
         stacked = layouts.stack_layers(adapter)
         assert len(stacked) == 2 and all(x.shape[0] == 3 for x in jax.tree.leaves(stacked))
