@@ -25,6 +25,10 @@ The table printed at the end gives, per method and budget, the loss reduction (h
 the base − after) and its fraction of LoRA's at the same budget and targets, with the trainable
 count and its ratio to LoRA's.
 
+Methods: LoRA r = 8 (``lora``), LorettaRep r = 8 at TT rank 5 and 10 (``rep_t5``, ``rep_t10``), and
+TT rank 5 with alpha 32 / 64 or every core Gaussian (``rep_a32``, ``rep_a64``, ``rep_gauss``);
+``--lrs`` replaces each method's own learning rates in the sweep.
+
 Run:  python benchmarks/lm_study.py                       (hours on 2 CPU cores: see docs/results.md)
       python benchmarks/lm_study.py --table-only          (the table from --out, no training)
 """
@@ -51,6 +55,12 @@ METHODS = {
     "lora": (lambda targets: lrtt.LoRA(rank=8, alpha=16, targets=targets), (1e-3, 3e-3, 1e-2)),
     "rep_t5": (lambda targets: lrtt.LorettaRep(rank=8, alpha=16, tt_rank=5, targets=targets), (3e-3, 1e-2, 3e-2)),
     "rep_t10": (lambda targets: lrtt.LorettaRep(rank=8, alpha=16, tt_rank=10, targets=targets), (1e-2,)),
+    # alpha and the initializer (TT rank 5): a larger alpha scales ΔW = (alpha / r)·TT_A·TT_B, so
+    # AdamW's step moves ΔW further without moving the inner cores faster, as a larger lr would
+    "rep_a32": (lambda targets: lrtt.LorettaRep(rank=8, alpha=32, tt_rank=5, targets=targets), (3e-3, 1e-2)),
+    "rep_a64": (lambda targets: lrtt.LorettaRep(rank=8, alpha=64, tt_rank=5, targets=targets), (3e-3, 1e-2)),
+    "rep_gauss": (lambda targets: lrtt.LorettaRep(rank=8, alpha=16, tt_rank=5, targets=targets,
+                                                  initializer="gaussian"), (1e-2,)),
 }
 
 
@@ -66,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-targets", action="store_true")
     parser.add_argument("--wide-lrs", type=float, nargs="*", default=None,
                         help="the targets phase's learning rates (default: each method's best on q,v)")
+    parser.add_argument("--lrs", type=float, nargs="*", default=None,
+                        help="the sweep's learning rates for every method of --methods (default: each method's own)")
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=10)
@@ -202,14 +214,14 @@ def table(runs: dict, base: float) -> list[str]:
             if key not in best or base - loss > best[key][0]:
                 best[key] = (base - loss, lr, r["trainable"])
     lines = [f"held-out loss of the base model: {base:.4f}",
-             f"{'targets':<11} {'steps':>5} {'method':<8} {'trainable':>10} {'x fewer':>7} {'best lr':>8} "
+             f"{'targets':<11} {'steps':>5} {'method':<9} {'trainable':>10} {'x fewer':>7} {'best lr':>8} "
              f"{'loss':>7} {'reduction':>9} {'of LoRA':>7}"]
     for targets, name, budget in sorted(best, key=lambda k: (k[0] != "qv", k[0], k[2], list(METHODS).index(k[1]))):
         reduction, lr, trainable = best[(targets, name, budget)]
         lora = best.get((targets, "lora", budget))
         fewer = f"{lora[2] / trainable:.1f}" if lora else "-"
         share = f"{reduction / lora[0]:.1%}" if lora and lora[0] > 0 else "-"
-        lines.append(f"{targets:<11} {budget:>5} {name:<8} {trainable:>10,} {fewer:>7} {lr:>8.0e} "
+        lines.append(f"{targets:<11} {budget:>5} {name:<9} {trainable:>10,} {fewer:>7} {lr:>8.0e} "
                      f"{base - reduction:>7.4f} {reduction:>9.4f} {share:>7}")
     return lines
 
@@ -231,7 +243,7 @@ def main(argv=None) -> None:
     sweep_budgets = [b for b in args.budgets if b < args.sweep_steps] + [args.sweep_steps]
     studies = {}
     for name in args.methods:
-        for lr in METHODS[name][1]:
+        for lr in args.lrs or METHODS[name][1]:
             if ("sweep", name, "qv", lr) not in runs:
                 studies[(name, lr)] = run(task, name, "qv", lr, sweep_budgets, args, "sweep")
     runs = done_runs(args.out)

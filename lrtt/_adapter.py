@@ -174,11 +174,16 @@ class _LowRank(Entry):
     def factor_matrices(self):
         raise NotImplementedError
 
-    def misfit(self, target, leaf):
+    def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of :meth:`factor_matrices`' ``(A, B)``, without forming them."""
         a, b = jax.eval_shape(type(self).factor_matrices, self)
-        if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-            return f"its factors {a.shape}·{b.shape} do not multiply"
-        return _matrix_misfit(f"its ΔW (A {a.shape}·B {b.shape})", a.shape[:-2], a.shape[-2], b.shape[-1], target)
+        return tuple(a.shape), tuple(b.shape)
+
+    def misfit(self, target, leaf):
+        a, b = self.factor_shapes()
+        if a[:-2] != b[:-2] or a[-1] != b[-2]:
+            return f"its factors {a}·{b} do not multiply"
+        return _matrix_misfit(f"its ΔW (A {a}·B {b})", a[:-2], a[-2], b[-1], target)
 
     def factored(self, site):
         if site.ids is None:
@@ -230,6 +235,9 @@ class LoraFactors(_LowRank):
 
     def factor_matrices(self):
         return self.a, self.b
+
+    def factor_shapes(self):
+        return tuple(self.a.shape), tuple(self.b.shape)
 
     def padded(self, rank: int, scale: float) -> "LoraFactors":
         """The same ``ΔW`` at a higher ``rank`` (zero columns of ``A``, zero rows of ``B``: exact)
@@ -294,6 +302,9 @@ class TTFactors(_LowRank):
             _tt.materialize(self.b, self.rank, self.n_out),
         )
 
+    def factor_shapes(self):
+        return _tt.matrix_shape(self.a, self.n_in, self.rank), _tt.matrix_shape(self.b, self.rank, self.n_out)
+
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -338,12 +349,13 @@ class BottleneckAdapter(Entry):
         return self.scale * (z @ up.astype(h.dtype) + u.astype(h.dtype))
 
     def misfit(self, target, leaf):
-        down, _, up, _ = jax.eval_shape(type(self).matrices, self)
+        down = _tt.matrix_shape(self.down, self.features, self.bottleneck)
+        up = _tt.matrix_shape(self.up, self.bottleneck, self.features)
         n = target.n_out if self.position == "after" else target.n_in
         side = "out" if self.position == "after" else "in"
         stack = tuple(target.stack)
-        if tuple(down.shape[:-2]) != stack or down.shape[-2] != n or tuple(up.shape[:-2]) != stack or up.shape[-1] != n:
-            return (f"its bottleneck ({self.position} the product) maps {down.shape} then {up.shape} but the leaf "
+        if down[:-2] != stack or down[-2] != n or up[:-2] != stack or up[-1] != n:
+            return (f"its bottleneck ({self.position} the product) maps {down} then {up} but the leaf "
                     f"has {stack} stacks of {n} {side} features (layout {str(target.layout)!r})")
         return None
 
@@ -383,7 +395,7 @@ class TTKernel(Entry):
         return _tt.materialize(self.cores, self.n_in, self.n_out)
 
     def misfit(self, target, leaf):
-        shape = tuple(jax.eval_shape(type(self).matrix, self).shape)
+        shape = _tt.matrix_shape(self.cores, self.n_in, self.n_out)
         if shape[-2:] != (target.n_in, target.n_out) or math.prod(shape) != math.prod(target.shape):
             return (f"its TT matrix is {shape} but the leaf is a {tuple(target.stack) + (target.n_in, target.n_out)} "
                     f"(*stack, in, out) matrix (layout {str(target.layout)!r})")

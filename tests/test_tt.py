@@ -15,6 +15,7 @@ from lrtt.tt._core import (
     core_shapes,
     init_gaussian,
     materialize,
+    matrix_shape,
     num_core_params,
     preset_dims,
     resolve_dims,
@@ -182,6 +183,24 @@ def test_materialize_stack_axes_and_jit():
     assert dense.shape == (2, 3, n_in, n_out)
     one = materialize(tuple(c[1, 2] for c in cores), n_in, n_out)
     np.testing.assert_allclose(dense[1, 2], one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stack", [(), (3,), (2, 3)])
+def test_matrix_shape_is_the_materialized_shape_without_tracing(stack):
+    dims, n_in, n_out = (4, 6, 5), 12, 10
+    cores = _random_cores(4, dims, 3, stack=stack)
+    assert matrix_shape(cores, n_in, n_out) == materialize(cores, n_in, n_out).shape
+    with pytest.raises(ValueError, match="has product 120 .* 121 entries"):
+        matrix_shape(cores, 11, 11)
+    with pytest.raises(ValueError, match="do not form a tensor train"):
+        matrix_shape((cores[0], cores[2], cores[1]), n_in, n_out)
+
+
+def test_matrix_shape_names_stacks_that_do_not_broadcast():
+    cores = list(_random_cores(5, (4, 6, 5), 3, stack=(3,)))
+    cores[1] = cores[1][:2]
+    with pytest.raises(ValueError, match=r"stack axes \[\(3,\), \(2,\), \(3,\)\] do not broadcast"):
+        matrix_shape(cores, 12, 10)
 
 
 def test_materialize_rejects_bad_cores():

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = Any
 Cores = tuple  # of arrays (*stack, r_{i-1}, k_i, r_i)
@@ -290,6 +291,27 @@ def _chain(cores) -> Array:
         out = jnp.matmul(out, g.reshape(g.shape[:-3] + (r, k * r_next)))  # (*s, A, k * r')
         out = out.reshape(out.shape[:-2] + (out.shape[-2] * k, r_next))
     return out.reshape(out.shape[:-2] + (r0, out.shape[-2] // r0, out.shape[-1]))
+
+
+def matrix_shape(cores, n_in, n_out) -> tuple[int, ...]:
+    """The shape ``(*stack, n_in, n_out)`` that :func:`materialize` returns, read off the cores'
+    shapes (nothing traced: cheap under ``jit`` where an ``eval_shape`` of the contraction is not).
+
+    >>> import jax.numpy as jnp
+    >>> matrix_shape([jnp.zeros((12, 1, 4, 3)), jnp.zeros((12, 3, 6, 1))], 8, 3)
+    (12, 8, 3)
+
+    Raises:
+      ValueError: the cores do not chain, ``prod(k) != n_in * n_out``, or their stack axes differ.
+    """
+    _check_cores(cores, n_in, n_out)
+    stacks = [tuple(int(d) for d in c.shape[:-3]) for c in cores]
+    try:
+        stack = np.broadcast_shapes(*stacks)
+    except ValueError:
+        raise ValueError(f"the TT cores' stack axes {stacks} do not broadcast; give every core the same "
+                         "leading (stack) axes.") from None
+    return tuple(stack) + (int(n_in), int(n_out))
 
 
 def materialize(cores, n_in, n_out) -> Array:
