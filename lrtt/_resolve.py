@@ -91,6 +91,13 @@ def _message(method: Any, unknown, misfit, uncovered, planned: int) -> str:
     return "\n".join(lines)
 
 
+def matrix_targets(method: Any, params: Any, flat: Mapping[str, Any]) -> dict[str, Target]:
+    """``{path: Target}`` for the entries of ``flat`` (``{path: entry}``) that adapt a matrix leaf
+    the params have (read with ``method.layouts``); paths the params lack are left out."""
+    on_matrix = [p for p, e in flat.items() if is_entry(e) and e.matrix_target]
+    return {t.path: t for t in select(params, exact_patterns(on_matrix), layouts=method.layouts, require=False)}
+
+
 def resolve(method: Any, params: Any, adapter: Any, *, stacked: bool = False, covers: bool = True) -> Resolved:
     """Pair ``adapter``'s entries with the leaves of ``params`` they adapt, checking they fit.
 
@@ -128,9 +135,8 @@ def resolve(method: Any, params: Any, adapter: Any, *, stacked: bool = False, co
             "params or a tree with other arrays in it.", unknown=tuple(strays))
     leaves = dict(named_leaves(params))
     unknown = {p for p in flat if p not in leaves}
-    on_matrix = {p for p, e in flat.items() if e.matrix_target and p not in unknown}
-    targets = {t.path: t for t in select(params, exact_patterns(on_matrix), layouts=method.layouts, require=False)}
-    unknown |= on_matrix - set(targets)
+    targets = matrix_targets(method, params, flat)
+    unknown |= {p for p, e in flat.items() if e.matrix_target} - set(targets)
     misfit = {}
     for path, entry in flat.items():
         if path in unknown:

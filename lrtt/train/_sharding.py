@@ -16,7 +16,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lrtt import _families
 from lrtt._adapter import entries, is_entry
 from lrtt._count import adapter_shapes
-from lrtt._paths import exact_patterns, is_quantized, named_leaves, path_str
+from lrtt._paths import is_quantized, named_leaves, path_str
+from lrtt._resolve import matrix_targets
 from lrtt._targets import first_match, select
 
 PARAM_RULE_PRESETS = ("replicated", "fsdp", "tensor")
@@ -165,8 +166,7 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
     if adapter is None:
         adapter = adapter_shapes(method, params)
     kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
-    on_matrix = [p for p, e in entries(adapter).items() if is_entry(e) and e.matrix_target]
-    targets = {t.path: t for t in select(params, exact_patterns(on_matrix), layouts=method.layouts, require=False)}
+    targets = matrix_targets(method, params, entries(adapter))
 
     def spec_of(keypath, entry):
         path = path_str(keypath)
