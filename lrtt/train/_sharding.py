@@ -23,11 +23,6 @@ from lrtt._targets import first_match, select
 PARAM_RULE_PRESETS = ("replicated", "fsdp", "tensor")
 
 
-def _spec_tuple(spec: Any, ndim: int) -> tuple:
-    spec = tuple(spec) if spec is not None else ()
-    return spec + (None,) * (ndim - len(spec))
-
-
 def _axis_size(mesh: Mesh, entry: Any) -> int:
     names = entry if isinstance(entry, tuple) else (entry,)
     return math.prod(mesh.shape[n] for n in names if n is not None)
