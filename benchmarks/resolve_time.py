@@ -4,7 +4,7 @@ the factor shapes costs when they are traced (``jax.eval_shape`` of the TT contr
 
 ``resolve`` runs at every trace of ``wrap``/``merge``/``delta`` (and so at every compile of a
 step), once per entry. Params: ``--layers`` layers of two ``(--dim, --dim)`` kernels (q, v).
-Each timing is the minimum of ``--repeats`` eager calls in this process; the ratio is of two
+Each timing is the minimum of ``--repeats`` eager calls in this process after one warm-up call; the ratio is of two
 timings of this run.
 
 Run:  python benchmarks/resolve_time.py
@@ -15,24 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lrtt  # noqa: E402
 from lrtt._adapter import _LowRank, entries  # noqa: E402
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from lookup_70b import best_of  # noqa: E402  (one warm-up call, then the minimum of n)
 
 
 def main(argv=None) -> None:
@@ -44,7 +36,7 @@ def main(argv=None) -> None:
     params = {f"layer_{i}": {n: {"kernel": jnp.zeros((args.dim, args.dim))} for n in ("q_proj", "v_proj")}
               for i in range(args.layers)}
     targets = r"(q|v)_proj/kernel$"
-    print(f"{2 * args.layers} targets of ({args.dim}, {args.dim}); min of {args.repeats} calls, seconds")
+    print(f"{2 * args.layers} targets of ({args.dim}, {args.dim}); min of {args.repeats} calls after a warm-up, seconds")
     for name, method in [("LoRA", lrtt.LoRA(rank=8, targets=targets)),
                          ("LorettaRep", lrtt.LorettaRep(rank=8, targets=targets))]:
         adapter = method.init(jax.random.key(0), params)
