@@ -13,6 +13,9 @@ loss plus ``optax.adamw`` — for LoRA and LorettaRep with the adapter in these 
   packed    the optimizer run on one vector per factor matrix (each matrix's TT cores raveled and
             concatenated; LoRA's A and B each one vector already): its state is per vector, the
             updates split back into the tree's leaves (420 -> 96 optimizer leaves for rep)
+  held      the adapter *held* as those vectors (one leaf per factor matrix, as if an entry stored
+            its cores in one array), split into the cores inside the loss: no split or
+            concatenation around the optimizer, 96 leaves for both methods
   stacked   every target kind's entries stacked over the layers (one leaf per core position and
             kind: 35 for rep, 8 for LoRA), split per layer inside the loss
 
@@ -37,7 +40,7 @@ import optax  # noqa: E402
 import step as step_benchmark  # noqa: E402
 from lrtt import Entry  # noqa: E402
 
-LAYOUTS = ("tree", "grad", "split", "packed", "stacked")
+LAYOUTS = ("tree", "grad", "split", "packed", "held", "stacked")
 
 
 def _is_entry(x) -> bool:
@@ -126,6 +129,10 @@ def compile_seconds(loss, trainable, frozen, ids, layout: str) -> tuple[float, i
         loss = (lambda inner: lambda t, f, x: inner(unstack_layers(t, like), f, x))(loss)
     if layout == "packed":
         optimizer = packed_optimizer(optimizer)
+    if layout == "held":
+        like = trainable
+        trainable = pack(trainable)
+        loss = (lambda inner: lambda t, f, x: inner(unpack(t, like), f, x))(loss)
     if layout in ("grad", "split"):
         programs = [jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, ids)]
         leaves = 0
