@@ -120,19 +120,19 @@ def unstack_layers(stacked: dict, like):
     return jax.tree.unflatten(jax.tree.structure(like, is_leaf=_is_entry), out)
 
 
+# layout -> (the adapter in that form, its inverse given the adapter's tree)
+HELD_AS = {"held": (pack, unpack), "stacked": (stack_layers, unstack_layers)}
+
+
 def compile_seconds(loss, trainable, frozen, ids, layout: str) -> tuple[float, int]:
     """(seconds to compile the step, optimizer leaves) for ``layout``."""
     optimizer = optax.adamw(1e-4)
-    if layout == "stacked":
-        like = trainable
-        trainable = stack_layers(trainable)
-        loss = (lambda inner: lambda t, f, x: inner(unstack_layers(t, like), f, x))(loss)
+    if layout in HELD_AS:  # the step holds the adapter in another form, turned back inside the loss
+        to_layout, from_layout = HELD_AS[layout]
+        like, trainable = trainable, to_layout(trainable)
+        loss = (lambda inner: lambda t, f, x: inner(from_layout(t, like), f, x))(loss)
     if layout == "packed":
         optimizer = packed_optimizer(optimizer)
-    if layout == "held":
-        like = trainable
-        trainable = pack(trainable)
-        loss = (lambda inner: lambda t, f, x: inner(unpack(t, like), f, x))(loss)
     if layout in ("grad", "split"):
         programs = [jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, ids)]
         leaves = 0
