@@ -37,6 +37,7 @@ from lrtt._factored import (
     wrap as wrap,
 )
 from lrtt._errors import Error as Error
+from lrtt._groups import LayerGroups as LayerGroups, group_layers as group_layers, ungroup_layers as ungroup_layers
 from lrtt._merge import delta as delta, merge as merge, unmerge as unmerge
 from lrtt._resolve import AdapterMismatchError as AdapterMismatchError, Resolved as Resolved, resolve as resolve
 from lrtt._quant import dequantize as dequantize, load_quantized as load_quantized, quantize as quantize
@@ -91,6 +92,7 @@ __all__ = [
     "ExportTarget",
     "ForeignCheckpointError",
     "FullFineTune",
+    "LayerGroups",
     "Layout",
     "LeafInfo",
     "LeafUse",
@@ -117,6 +119,7 @@ __all__ = [
     "entries",
     "export_merged",
     "factored",
+    "group_layers",
     "inspect_export",
     "io",
     "load_merged",
@@ -138,6 +141,7 @@ __all__ = [
     "stack",
     "train",
     "tt",
+    "ungroup_layers",
     "unmerge",
     "wrap",
 ]

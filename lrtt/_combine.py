@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lrtt._adapter import LoraFactors, TTFactors, entries, is_entry
+from lrtt._groups import as_tree
 from lrtt._paths import exact_patterns, nest
 from lrtt.methods._lora import LoRA
 from lrtt.methods._loretta_rep import LorettaRep
@@ -224,7 +225,7 @@ def _check_methods(method: Any, n: int) -> tuple[Any, ...]:
 
 def _low_rank_entries(method: Any, adapter: Any, k: int) -> dict[str, Any]:
     """``{path: entry}`` of adapter ``k``: every entry its method's low-rank kind."""
-    found = entries(adapter)
+    found = entries(as_tree(adapter))
     if not found:
         raise ValueError(f"adapter {k} has no entries: pass adapter trees made by method.init or lrtt.load_peft.")
     trained = sorted(p for p, e in found.items() if is_entry(e) and e.whole_leaf)

@@ -16,6 +16,7 @@ import jax
 
 from lrtt._adapter import entries, is_entry
 from lrtt._errors import Error
+from lrtt._groups import as_tree
 from lrtt._paths import exact_patterns, named_leaves
 from lrtt._targets import Target, select
 
@@ -106,7 +107,8 @@ def resolve(method: Any, params: Any, adapter: Any, *, stacked: bool = False, co
         which leaves it selects).
       params: the frozen params (any pytree).
       adapter: the adapter tree (or the tree of an :class:`lrtt.AdapterStack`, ``stacked=True``:
-        every array has a leading member axis).
+        every array has a leading member axis; or a :class:`lrtt.LayerGroups`, read as the tree
+        it groups).
       covers: also require an entry for every leaf ``method.plan(params)`` selects.
 
     Returns:
@@ -126,7 +128,7 @@ def resolve(method: Any, params: Any, adapter: Any, *, stacked: bool = False, co
       ...     print(list(err.misfit))
       ['q/kernel']
     """
-    flat = entries(adapter)
+    flat = entries(as_tree(adapter))
     strays = sorted(p for p, e in flat.items() if not is_entry(e))
     if strays:
         raise AdapterMismatchError(

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrtt._adapter import entries, is_entry
+from lrtt._groups import as_tree
 from lrtt._paths import nest
 from lrtt.methods import LoRA, LorettaRep
 
@@ -89,7 +90,7 @@ def stack(method: Any, adapters: Sequence[Any], *, capacity: int | None = None) 
       >>> stacked.size, stacked.tree["q"]["kernel"].a.shape
       (3, (3, 8, 2))
     """
-    adapters = list(adapters)
+    adapters = [as_tree(a) for a in adapters]
     if not adapters:
         raise ValueError("stack() got no adapters: pass a list of one or more adapter trees.")
     if capacity is None:
@@ -134,7 +135,7 @@ def set_member(stacked: AdapterStack, k: Any, adapter: Any) -> AdapterStack:
     if isinstance(k, (int, np.integer)):
         _check_slot(stacked, k)
     slots = entries(stacked.tree)
-    flat = entries(adapter)
+    flat = entries(as_tree(adapter))
     if set(flat) != set(slots):
         raise ValueError(f"the adapter adapts other leaves than the stack (e.g. {sorted(set(flat) ^ set(slots))[:3]}): "
                          "load an adapter of the stack's method and model.")

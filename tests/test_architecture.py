@@ -58,6 +58,7 @@ LAYERS = (
     {"_targets"},
     {"_quant", "_leaves"},
     {"_adapter"},
+    {"_groups"},
     {"_resolve"},
     {"_merge", "methods"},
     {"_stack"},

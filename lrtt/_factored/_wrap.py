@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lrtt._adapter import Site
+from lrtt._groups import LayerGroups, per_layer
 from lrtt._leaves import QuantizedLeaf
 from lrtt._paths import is_quantized, quantized_array, replace_leaves
 from lrtt._resolve import resolve
@@ -44,7 +45,8 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
     Args:
       method: the method that made ``adapter`` (its ``layouts`` and ``dropout`` are used).
       params: the frozen params (any pytree: linen dict, ``nnx.State``, transformers params).
-      adapter: the adapter tree from ``method.init``.
+      adapter: the adapter tree from ``method.init``, or that tree grouped by
+        :func:`lrtt.group_layers` (faster to compile on a model with unrolled layers).
       rng: a PRNG key for dropout on the adapter's input (used when ``method.dropout > 0``);
         each target gets its own keys, one per stacked layer. None: no dropout (evaluation).
       adapter_ids: with an :class:`lrtt.AdapterStack` (``lrtt.stack``) as ``adapter``: int32
@@ -63,6 +65,8 @@ def wrap(method: Any, params: Any, adapter: Any, *, rng: jax.Array | None = None
         (``method.plan(params)``): an adapter made for another model (:func:`lrtt.resolve`).
     """
     ids = None
+    if isinstance(adapter, LayerGroups):  # each group's factor matrices formed once, for all its layers
+        adapter = per_layer(adapter)
     if isinstance(adapter, AdapterStack):
         if adapter_ids is None:
             raise ValueError("the adapter is a stack of adapters (lrtt.stack): give adapter_ids=, one member id "

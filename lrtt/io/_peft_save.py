@@ -17,6 +17,7 @@ import numpy as np
 
 from lrtt._adapter import entries, is_entry
 from lrtt._extras import needs_extra
+from lrtt._groups import as_tree
 from lrtt._paths import named_leaves
 from lrtt._resolve import resolve
 from lrtt._targets import Target
@@ -200,7 +201,7 @@ def _savable_entries(method: Any, adapter: Any, params: Any):
     """
     if not method.mergeable:
         raise ValueError(NO_PEFT_EQUIVALENT.format(method=type(method).__name__))
-    found = entries(adapter)
+    found = entries(as_tree(adapter))
     low_rank = {p: e for p, e in found.items() if is_entry(e) and e.low_rank}
     trained = {p: e.value for p, e in found.items() if is_entry(e) and e.whole_leaf}
     others = sorted(set(found) - set(low_rank) - set(trained))

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lrtt import _families
 from lrtt._adapter import entries, is_entry
 from lrtt._count import adapter_shapes
+from lrtt._groups import LayerGroups
 from lrtt._paths import is_quantized, named_leaves, path_str
 from lrtt._resolve import matrix_targets
 from lrtt._targets import first_match, select
@@ -157,9 +158,12 @@ def adapter_specs(method: Any, params: Any, param_spec_tree: Any, adapter: Any =
     ``P('x', 'y')`` gives ``A: P('x', None)``, ``B: P(None, 'y')``; GPT-2's ``(out, in)`` Conv1D
     is read through its layout). ``Trainable`` copies its leaf's spec. TT cores and bottleneck
     adapters are small and replicated. Each entry type says its own (``Entry.partition_specs``).
+    An adapter grouped by :func:`lrtt.group_layers` is replicated whole.
     """
     if adapter is None:
         adapter = adapter_shapes(method, params)
+    if isinstance(adapter, LayerGroups):  # stacked over layers: small, replicated
+        return jax.tree.map(lambda _: P(), adapter)
     kernel_specs = dict(named_leaves(param_spec_tree, is_leaf=lambda x: isinstance(x, P)))
     targets = matrix_targets(method, params, entries(adapter))
 
