@@ -67,8 +67,10 @@ def group_layers(adapter: Any) -> LayerGroups:
     """The adapter with its LorettaRep entries stacked per target kind (module docstring).
 
     ``TTFactors`` entries group when their paths are equal once each integer path part reads
-    ``*`` and their cores and static fields are equal; the other entries (LoRA's factors, whose
-    arrays are the matrices themselves, bottleneck adapters, fully trained leaves) stay as they are.
+    ``*`` and their cores and static fields are equal; an entry with no such partner (every
+    entry of a model whose layers are scanned: its cores hold all layers already) and the other
+    entries (LoRA's factors, whose arrays are the matrices themselves, bottleneck adapters, fully
+    trained leaves) stay as they are.
 
     >>> import jax, jax.numpy as jnp, lrtt
     >>> params = {"h": {str(i): {"q": {"kernel": jnp.ones((64, 64))}} for i in range(3)}}
@@ -111,6 +113,12 @@ def group_layers(adapter: Any) -> LayerGroups:
             names[key] = name
             members[name] = []
         members[names[key]].append(position)
+    for name, where in list(members.items()):  # an entry with no partner (a scanned model's) stays as it is
+        if len(where) == 1:
+            path = path_str(flat[where[0]][0])
+            others[path] = flat[where[0]][1]
+            positions.append((path, where[0]))
+            del members[name]
     stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[flat[i][1] for i in where])
                for name, where in members.items()}
     return LayerGroups(stacked, others, structure, tuple((n, tuple(w)) for n, w in members.items()), tuple(positions))
