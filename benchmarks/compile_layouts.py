@@ -18,6 +18,9 @@ loss plus ``optax.adamw`` — for LoRA and LorettaRep with the adapter in these 
             concatenation around the optimizer, 96 leaves for both methods
   stacked   every target kind's entries stacked over the layers (one leaf per core position and
             kind: 35 for rep, 8 for LoRA), split per layer inside the loss
+  grouped   the same stacking through lrtt.group_layers, which lrtt.wrap takes as it is: each
+            kind's A and B formed once for all layers (one batched contraction of the cores),
+            layer l handed row l at a runtime index, gradients written into the rows in place
 
 Run:  python benchmarks/compile_layouts.py                 (GPT-2 small, 2 rounds)
       python benchmarks/compile_layouts.py --small --rounds 1
@@ -38,9 +41,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import step as step_benchmark  # noqa: E402
+import lrtt  # noqa: E402
 from lrtt import Entry  # noqa: E402
 
-LAYOUTS = ("tree", "grad", "split", "packed", "held", "stacked")
+LAYOUTS = ("tree", "grad", "split", "packed", "held", "stacked", "grouped")
 
 
 def _is_entry(x) -> bool:
@@ -131,6 +135,8 @@ def compile_seconds(loss, trainable, frozen, ids, layout: str) -> tuple[float, i
         to_layout, from_layout = HELD_AS[layout]
         like, trainable = trainable, to_layout(trainable)
         loss = (lambda inner: lambda t, f, x: inner(from_layout(t, like), f, x))(loss)
+    if layout == "grouped":  # lrtt.wrap takes the groups as they are
+        trainable = lrtt.group_layers(trainable)
     if layout == "packed":
         optimizer = packed_optimizer(optimizer)
     if layout in ("grad", "split"):
