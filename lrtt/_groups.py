@@ -16,15 +16,18 @@ the optimizer holds one state per group (GPT-2 small: 35 leaves instead of 420).
 :func:`lrtt.wrap` over it contracts all cores but the last of each group once for all layers,
 then forms layer ``l``'s ``A_l``, ``B_l`` with one product each, and runs the model with
 ``LoraFactors(A_l, B_l)`` — ``ΔW_l`` is the layer's own entry's; the backward pass writes each
-layer's gradient into its row of the group in place. Every other function (``merge``,
-``delta``, ``resolve``, …) reads it as the tree :func:`ungroup_layers` returns, the exact
-inverse. Grouping changes where the arrays live, not what they compute.
+layer's gradient into its row of the group in place. ``resolve``, ``merge``, ``delta``,
+``unmerge``, ``save_peft``, ``stack``, ``combine`` and checkpoints (the adapter and every
+grouped part of an optimizer state) read it as the tree :func:`ungroup_layers` returns, the
+exact inverse; functions that select leaves by path (``lrtt.optim``'s masks) need the tree.
+Grouping changes where the arrays live, not what they compute.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Mapping
 
 import jax
@@ -57,17 +60,20 @@ jax.tree_util.register_dataclass(LayerGroups, data_fields=["stacked", "others"],
                                  meta_fields=["structure", "members", "positions"])
 
 
+_INDEX = re.compile(r"^(.*_)?\d+$")  # "3", and Flax linen's "layers_3", "Block_3"
+
+
 def _group_key(path: str, entry: Any) -> tuple:
     leaves, structure = jax.tree.flatten(entry)
-    pattern = "/".join("*" if part.isdigit() else part for part in path.split("/"))
+    pattern = "/".join(_INDEX.sub(lambda m: (m.group(1) or "") + "*", part) for part in path.split("/"))
     return (pattern, structure, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves))
 
 
 def group_layers(adapter: Any) -> LayerGroups:
     """The adapter with its LorettaRep entries stacked per target kind (module docstring).
 
-    ``TTFactors`` entries group when their paths are equal once each integer path part reads
-    ``*`` and their cores and static fields are equal; an entry with no such partner (every
+    ``TTFactors`` entries group when their paths are equal once each layer index reads ``*``
+    (a path part that is an integer, ``3``, or ends in one, Flax linen's ``layers_3``) and their cores and static fields are equal; an entry with no such partner (every
     entry of a model whose layers are scanned: its cores hold all layers already) and the other
     entries (LoRA's factors, whose arrays are the matrices themselves, bottleneck adapters, fully
     trained leaves) stay as they are.
@@ -144,9 +150,45 @@ def ungroup_layers(groups: LayerGroups) -> Any:
         raise TypeError(f"ungroup_layers takes what group_layers returns, got a {type(groups).__name__}.")
 
     def layers(entry, n):
-        return [jax.tree.map(lambda x, i=i: x[i], entry) for i in range(n)]
+        return [jax.tree.map(lambda x, i=i: _row(x, i), entry) for i in range(n)]
 
     return _rebuild(groups, layers)
+
+
+def _row(x: Any, i: int) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    if hasattr(x, "shape"):
+        return x[i]
+    return x  # a Sharding (a tree of them places the groups): the same for every row
+
+
+def group_as(adapter: Any, like: LayerGroups) -> LayerGroups:
+    """``adapter`` (a tree of ``like``'s structure) grouped as ``like`` is: a restored tree back
+    into the groups a run trains."""
+    flat, structure = jax.tree_util.tree_flatten(adapter, is_leaf=is_entry)
+    if structure != like.structure:
+        raise ValueError("the adapter does not have the structure of the groups it should be grouped as: "
+                         "group the tree that lrtt.ungroup_layers returned for them.")
+    stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[flat[i] for i in where]) for name, where in like.members}
+    others = {path: flat[position] for path, position in like.positions}
+    return LayerGroups(stacked, others, like.structure, like.members, like.positions)
+
+
+def _is_groups(x: Any) -> bool:
+    return isinstance(x, LayerGroups)
+
+
+def ungroup_all(tree: Any) -> Any:
+    """``tree`` with every :class:`LayerGroups` in it ungrouped (an optimizer state of groups
+    holds one per moment)."""
+    return jax.tree.map(as_tree, tree, is_leaf=_is_groups)
+
+
+def regroup_all(tree: Any, like: Any) -> Any:
+    """The inverse of :func:`ungroup_all`: each subtree of ``tree`` where ``like`` has a
+    :class:`LayerGroups` grouped as that one is."""
+    return jax.tree.map(lambda l, t: group_as(t, l) if _is_groups(l) else t, like, tree, is_leaf=_is_groups)
 
 
 def as_tree(adapter: Any) -> Any:
@@ -194,8 +236,9 @@ def _layer_matrices(cores, n_in: int, n_out: int, n: int) -> list:
     if len(cores) == 1:
         return [c.reshape(c.shape[:-3] + (n_in, n_out)) for c in last]
     prefix = _layer_rows(_tt._chain(cores[:-1]), n)  # each (*stack, 1, K, t)
-    return [jnp.matmul(p.reshape(p.shape[:-3] + p.shape[-2:]), c.reshape(c.shape[:-3] + c.shape[-3:-1]))
-            .reshape(p.shape[:-3] + (n_in, n_out)) for p, c in zip(prefix, last)]
+    products = [jnp.matmul(p.reshape(p.shape[:-3] + p.shape[-2:]), c.reshape(c.shape[:-3] + c.shape[-3:-1]))
+                for p, c in zip(prefix, last)]  # the cores' stack axes broadcast
+    return [m.reshape(m.shape[:-2] + (n_in, n_out)) for m in products]
 
 
 def per_layer(groups: LayerGroups) -> Any:

@@ -206,3 +206,83 @@ def test_a_scanned_model_is_left_as_it_is():
     (value, grads), (value_g, grads_g) = grad(adapter), grad(groups)
     np.testing.assert_allclose(value_g, value, rtol=1e-5)
     assert_close(lrtt.ungroup_layers(grads_g), grads)
+
+
+def test_a_checkpoint_with_the_optimizer_state_restores_groups_or_the_tree(tmp_path):
+    """Groups in the adapter and in AdamW's state are saved as their trees: restored onto grouped
+    likes they come back grouped and equal, onto the tree's likes as the tree."""
+    model, method, adapter, _ = _setup("rep")
+    groups = lrtt.group_layers(adapter)
+    optimizer = optax.adamw(1e-2)
+    grads = jax.tree.map(lambda x: jnp.cos(x) + 0.1, groups)
+    opt_state = optimizer.update(grads, optimizer.init(groups), groups)[1]
+    with lrtt.CheckpointManager(tmp_path / "ckpt", method) as manager:
+        manager.save(1, groups, opt_state)
+        manager.wait()
+        back = manager.restore(1, adapter_like=groups, opt_state_like=jax.eval_shape(optimizer.init, groups))
+        tree = manager.restore(1, adapter_like=adapter, opt_state_like=jax.eval_shape(optimizer.init, adapter))
+    assert isinstance(back.adapter, lrtt.LayerGroups) and _leaves_equal(back.adapter, groups)
+    assert _leaves_equal(back.opt_state, opt_state)
+    assert _leaves_equal(tree.adapter, adapter)
+    mu = tree.opt_state[0].mu
+    assert _leaves_equal(lrtt.group_layers(mu), opt_state[0].mu)
+
+
+def test_mesh_step_takes_the_groups_it_is_given():
+    """mesh_step(adapter=groups) trains the groups (replicated) and equals jit_step; a grouped
+    state given to a step built for the tree is an error that names the fix."""
+    from jax.sharding import Mesh
+
+    model, method, adapter, loss = _setup("rep")
+    groups = lrtt.group_layers(adapter)
+    optimizer = lrtt.train.adamw(1e-2)
+    four = lambda a, p, b, k: loss(a, p)  # noqa: E731
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    batch = {"x": jnp.zeros((2, 1))}
+    on_mesh = lrtt.train.mesh_step(four, optimizer, mesh, method=method, params=model.params, adapter=groups)
+    state, value = on_mesh.step(on_mesh.put_state(lrtt.train.init_state(groups, optimizer)), model.params, batch)
+    plain, expected = lrtt.train.jit_step(four, optimizer)(lrtt.train.init_state(groups, optimizer), model.params, batch)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    assert_close(state.adapter, plain.adapter, rtol=1e-6)
+    tree_step = lrtt.train.mesh_step(four, optimizer, mesh, method=method, params=model.params)
+    with pytest.raises(ValueError, match="adapter=state.adapter"):
+        tree_step.put_state(lrtt.train.init_state(groups, optimizer))
+
+
+def test_flax_linen_layer_names_group():
+    """Flax linen names list members and auto-named modules ``layers_0``, ``Dense_1``: the index
+    after the underscore is a layer index too."""
+    import flax.linen as nn
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(3):
+                x = nn.Dense(64)(x)
+            return x
+
+    x = jnp.ones((2, 64))
+    params = Stack().init(jax.random.key(0), x)["params"]
+    method = lrtt.LorettaRep(rank=4, tt_rank=2, targets=r"Dense_\d+/kernel$")
+    adapter = random_adapter(method, params)
+    groups = lrtt.group_layers(adapter)
+    assert dict(groups.members) == {"Dense_*/kernel": (0, 1, 2)} and not groups.others
+    run = lambda a: lrtt.factored(lambda p, x: Stack().apply({"params": p}, x))(lrtt.wrap(method, params, a), x)  # noqa: E731
+    np.testing.assert_allclose(run(groups), run(adapter), rtol=1e-5)
+
+
+def test_layer_matrices_are_the_tt_matrices_with_broadcast_stack_axes():
+    """Each layer's matrix from the grouped chain equals materialize() of its own cores, also when
+    the cores' stack axes broadcast ((1,) against (2,)) and for one-core trains."""
+    from lrtt._groups import _layer_matrices
+    from lrtt.tt import materialize
+
+    rng = np.random.default_rng(0)
+    layers = [(jnp.asarray(rng.standard_normal((1, 1, 8, 2)), jnp.float32),
+               jnp.asarray(rng.standard_normal((2, 2, 8, 1)), jnp.float32)) for _ in range(3)]
+    stacked = [jnp.stack([cores[k] for cores in layers]) for k in range(2)]
+    for got, cores in zip(_layer_matrices(stacked, 16, 4, 3), layers):
+        np.testing.assert_allclose(got, materialize(cores, 16, 4), rtol=1e-6)
+    one = [jnp.asarray(rng.standard_normal((3, 1, 12, 1)), jnp.float32)]
+    for i, got in enumerate(_layer_matrices(one, 3, 4, 3)):
+        np.testing.assert_allclose(got, materialize([one[0][i]], 3, 4), rtol=1e-6)

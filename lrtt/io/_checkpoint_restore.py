@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lrtt._groups import as_tree, regroup_all, ungroup_all
 from lrtt._paths import named_leaves, nest
 from lrtt.io._array_checks import fingerprints
 from lrtt.io._checkpoint_errors import (
@@ -156,6 +157,8 @@ class RestorePath:
         return meta
 
     def _restore_step(self, step, adapter_like, opt_state_like, shardings) -> Restored:
+        grouped_like = (adapter_like, opt_state_like)  # lrtt.LayerGroups are saved as their trees
+        adapter_like, opt_state_like, shardings = as_tree(adapter_like), ungroup_all(opt_state_like), ungroup_all(shardings)
         meta = self.check(step, adapter_like, opt_state_like)
         adapter_sh, opt_sh = _sharding_maps(shardings, adapter_like, opt_state_like)
         flat_like = _flat(adapter_like, "adapter")
@@ -175,8 +178,8 @@ class RestorePath:
             bad = [p for p, fp in fingerprints(flat).items() if saved.get(p) != fp]
             if bad:
                 raise self._corrupt(step, f"the bytes of {len(bad)} {what} array(s) changed since the save: {bad[:4]}")
-        adapter = _unflatten_like(adapter_like, flat_adapter)
-        opt_state = _unflatten_like(opt_state_like, flat_opt) if opt_state_like is not None else None
+        adapter = regroup_all(_unflatten_like(adapter_like, flat_adapter), grouped_like[0])
+        opt_state = regroup_all(_unflatten_like(opt_state_like, flat_opt), grouped_like[1]) if opt_state_like is not None else None
         return Restored(adapter, opt_state, int(meta["step"]), meta["data_position"], _rng_from_meta(meta["rng"]))
 
     def restore(
@@ -193,7 +196,9 @@ class RestorePath:
         Args:
           step: the step to restore; None: the latest committed one.
           adapter_like: an adapter of the expected structure: arrays, or ``ShapeDtypeStruct``
-            (e.g. ``lrtt.adapter_shapes(method, params)``). Each array lands on the leaf's own
+            (e.g. ``lrtt.adapter_shapes(method, params)``); a :class:`lrtt.LayerGroups` restores
+            groups (the checkpoint holds the tree either way; so do grouped parts of
+            ``opt_state_like``). Each array lands on the leaf's own
             sharding when it has one, else on the first local device (in a multi-process job:
             replicated on every device).
           opt_state_like: the optimizer state's structure (``jax.eval_shape(tx.init, adapter)``),

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lrtt._adapter import entries, is_entry
-from lrtt._groups import as_tree
+from lrtt._groups import as_tree, ungroup_all
 from lrtt._paths import nest
 from lrtt._private import orbax_inner_checkpointer
 from lrtt.io._array_checks import fingerprints, non_finite
@@ -131,8 +131,9 @@ class SavePath:
 
         Args:
           step: the number of optimizer steps taken (the directory name).
-          adapter: the adapter tree (any sharding); a :class:`lrtt.LayerGroups` is saved as the
-            tree it groups (restore it, then group it again).
+          adapter: the adapter tree (any sharding); a :class:`lrtt.LayerGroups` (in the adapter or
+            the optimizer state) is saved as the tree it groups, and restored as groups when the
+            ``restore`` likes are groups.
           opt_state: the optimizer state over the adapter, or None.
           data_position: JSON-able position in the data (e.g. ``{"epoch": 1, "index": 6400}``)
             so a resumed run sees the same data order.
@@ -153,6 +154,7 @@ class SavePath:
         """
         step = int(step)
         adapter = as_tree(adapter)  # a LayerGroups is saved per entry, as an ungrouped run saves it
+        opt_state = ungroup_all(opt_state)
         if self.read_only:
             raise ValueError(
                 f"cannot save step {step}: this lrtt.CheckpointManager on {self.directory} was "

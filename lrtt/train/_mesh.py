@@ -10,6 +10,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lrtt._count import adapter_shapes
+from lrtt._groups import LayerGroups
 from lrtt.train._distributed import is_multiprocess, local_rows, put_global, put_local
 from lrtt.train._sharding import adapter_specs, param_specs
 from lrtt.train._steps import TrainState, check_accumulate, device_mean_value_and_grad, apply_gradients, adapter_value_and_grad
@@ -103,6 +104,11 @@ class MeshStep(NamedTuple):
         return put_global(params, self.params_sharding, what="params", verify=verify)
 
     def put_state(self, state, *, verify: bool = True):
+        if isinstance(state.adapter, LayerGroups) != isinstance(self.state_sharding.adapter, LayerGroups):
+            raise ValueError(
+                "the state's adapter is not the one this mesh_step was built for (e.g. a lrtt.LayerGroups "
+                "where the step expects the tree, or the reverse): pass the state's adapter to "
+                "mesh_step(..., adapter=state.adapter).")
         if not is_multiprocess():
             return jax.device_put(state, self.state_sharding)
         return put_global(state, self.state_sharding, what="state", verify=verify)
@@ -133,6 +139,7 @@ def mesh_step(
     donate: bool = True,
     reduce: str = "auto",
     gather_at_use: bool | None = None,
+    adapter: Any = None,
 ) -> MeshStep:
     """A jit step over a ``Mesh``: batch sharded over ``data_axis``, params by ``rules``.
 
@@ -171,6 +178,8 @@ def mesh_step(
         8 × 128, 14.1 GB of mixed collectives whose activation terms grow with the batch, vs
         27.0 GB of weights that do not). Splits over other mesh axes (tensor parallelism)
         stay. ``None`` (default): on when ``rules`` split a frozen weight over ``data_axis``.
+      adapter: the adapter (or its shapes) the state holds, when it is not the tree
+        ``lrtt.adapter_shapes(method, params)``: a :class:`lrtt.LayerGroups` (replicated).
 
     Returns:
       :class:`MeshStep` ``(step, params_sharding, state_sharding, batch_sharding)`` with helpers
@@ -184,7 +193,7 @@ def mesh_step(
     named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     p_specs = param_specs(params, mesh, rules, layouts=method.layouts, data_axis=data_axis)
-    adapter = adapter_shapes(method, params)
+    adapter = adapter_shapes(method, params) if adapter is None else jax.eval_shape(lambda a: a, adapter)
     a_specs = adapter_specs(method, params, p_specs, adapter)
     opt_shapes = jax.eval_shape(optimizer.init, adapter)
     o_specs = optax.tree_utils.tree_map_params(
