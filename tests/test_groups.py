@@ -286,3 +286,12 @@ def test_layer_matrices_are_the_tt_matrices_with_broadcast_stack_axes():
     one = [jnp.asarray(rng.standard_normal((3, 1, 12, 1)), jnp.float32)]
     for i, got in enumerate(_layer_matrices(one, 3, 4, 3)):
         np.testing.assert_allclose(got, materialize([one[0][i]], 3, 4), rtol=1e-6)
+
+
+def test_path_masks_need_the_tree():
+    model, method, adapter, _ = _setup("rep")
+    tree = {"frozen": {"w": jnp.ones(3)}, "adapter": lrtt.group_layers(adapter)}
+    mask = lrtt.optim.trainable_mask(tree)  # where=None: every entry's leaves, grouped or not
+    assert not any(jax.tree.leaves(mask["frozen"])) and all(jax.tree.leaves(mask["adapter"]))
+    with pytest.raises(ValueError, match="ungroup_layers"):
+        lrtt.optim.trainable_mask(tree, where=r"h/0/")

@@ -35,6 +35,7 @@ import jax
 import optax
 
 from lrtt._adapter import ENTRY_TYPES, is_entry
+from lrtt._groups import LayerGroups
 from lrtt._paths import named_leaves, path_str
 
 TRAINABLE = "trainable"
@@ -103,6 +104,11 @@ def trainable_mask(tree: Any, where: Any = None) -> Any:
             return False
 
         return jax.tree_util.tree_map_with_path(mark, tree, is_leaf=is_entry)
+    if any(isinstance(x, LayerGroups) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LayerGroups))):
+        raise ValueError(
+            "`where` selects leaves by path, and a lrtt.LayerGroups holds its layers under group paths "
+            "(stacked/h/*/...): build the mask on the tree (lrtt.ungroup_layers), or use where=None "
+            "(the leaves of every adapter entry, grouped or not).")
     rule = _leaf_rule(where)
     return jax.tree_util.tree_map_with_path(lambda kp, leaf: rule(path_str(kp), leaf), tree)
 
