@@ -170,8 +170,8 @@ def test_bad_input_says_what_to_pass():
 
 
 def test_checkpoint_and_peft_files_hold_the_tree(tmp_path):
-    """A checkpoint of the groups is a checkpoint of the tree (restored like the tree, then
-    grouped again); save_peft writes the tree's file."""
+    """A checkpoint of the groups is a checkpoint of the tree (restored like the tree);
+    save_peft and export_merged write the tree's files."""
     model, method, adapter, _ = _setup("rep")
     groups = lrtt.group_layers(adapter)
     with lrtt.CheckpointManager(tmp_path / "ckpt", method) as manager:
@@ -182,6 +182,9 @@ def test_checkpoint_and_peft_files_hold_the_tree(tmp_path):
     lrtt.save_peft(tmp_path / "a", method, groups, model.params)
     lrtt.save_peft(tmp_path / "b", method, adapter, model.params)
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    lrtt.export_merged(method, model.params, groups, tmp_path / "g.safetensors")
+    lrtt.export_merged(method, model.params, adapter, tmp_path / "t.safetensors")
+    assert (tmp_path / "g.safetensors").read_bytes() == (tmp_path / "t.safetensors").read_bytes()
 
 
 def test_a_scanned_model_is_left_as_it_is():
