@@ -3,10 +3,10 @@
 A model whose layers are unrolled (transformers' Flax classes, most hand-written models) gets one
 adapter entry per layer and target: GPT-2 small's 48 all-linear targets give LorettaRep 420 TT
 cores. XLA compiles each core's AdamW update and each layer's TT contractions on their own, so
-the training step compiled in 1.5-1.9x LoRA's time (docs/factored.md, "Compile time").
+the training step compiles in 1.8x LoRA's time (docs/factored.md, "Compile time"; 1.1x grouped).
 
-``group_layers(adapter)`` stacks the ``TTFactors`` entries whose paths differ only in their
-integer parts (``h/0/attn/c_attn/kernel``, ``h/1/...`` → group ``h/*/attn/c_attn/kernel``) and
+``group_layers(adapter)`` stacks the ``TTFactors`` entries whose paths differ only in a layer
+index (``h/0/attn/c_attn/kernel``, ``h/1/...`` → group ``h/*/attn/c_attn/kernel``) and
 whose cores have equal shapes into one entry with a leading layer axis ``L``: each core
 ``(t, k, t')`` of ``L`` entries becomes one ``(L, t, k, t')``. Other entries stay as they are.
 
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lrtt.tt import _core as _tt
 from lrtt._adapter import LoraFactors, TTFactors, is_entry
 from lrtt._paths import path_str
+from lrtt.tt import _core as _tt
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerGroups:
@@ -72,11 +73,12 @@ def _group_key(path: str, entry: Any) -> tuple:
 def group_layers(adapter: Any) -> LayerGroups:
     """The adapter with its LorettaRep entries stacked per target kind (module docstring).
 
-    ``TTFactors`` entries group when their paths are equal once each layer index reads ``*``
-    (a path part that is an integer, ``3``, or ends in one, Flax linen's ``layers_3``) and their cores and static fields are equal; an entry with no such partner (every
-    entry of a model whose layers are scanned: its cores hold all layers already) and the other
-    entries (LoRA's factors, whose arrays are the matrices themselves, bottleneck adapters, fully
-    trained leaves) stay as they are.
+    ``TTFactors`` entries group when their paths are equal once each layer index reads ``*`` (a
+    path part that is an integer, ``3``, or ends in one, Flax linen's ``layers_3``) and their
+    cores and static fields are equal; an entry with no such partner (every entry of a model
+    whose layers are scanned: its cores hold all layers already) and the other entries (LoRA's
+    factors, whose arrays are the matrices themselves, bottleneck adapters, fully trained
+    leaves) stay as they are.
 
     >>> import jax, jax.numpy as jnp, lrtt
     >>> params = {"h": {str(i): {"q": {"kernel": jnp.ones((64, 64))}} for i in range(3)}}
