@@ -104,15 +104,10 @@ def group_layers(adapter: Any) -> LayerGroups:
                          "method.init returns (or one restored from a checkpoint).")
     names: dict[tuple, str] = {}
     members: dict[str, list[int]] = {}
-    others: dict[str, Any] = {}
-    positions = []
     for position, (keypath, entry) in enumerate(flat):
-        path = path_str(keypath)
         if not isinstance(entry, TTFactors):
-            others[path] = entry
-            positions.append((path, position))
             continue
-        key = _group_key(path, entry)
+        key = _group_key(path_str(keypath), entry)
         if key not in names:
             name, n = key[0], 1
             while name in members:  # one pattern, entries of other shapes: a group of their own
@@ -121,15 +116,17 @@ def group_layers(adapter: Any) -> LayerGroups:
             names[key] = name
             members[name] = []
         members[names[key]].append(position)
-    for name, where in list(members.items()):  # an entry with no partner (a scanned model's) stays as it is
-        if len(where) == 1:
-            path = path_str(flat[where[0]][0])
-            others[path] = flat[where[0]][1]
-            positions.append((path, where[0]))
-            del members[name]
-    stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[flat[i][1] for i in where])
-               for name, where in members.items()}
-    return LayerGroups(stacked, others, structure, tuple((n, tuple(w)) for n, w in members.items()), tuple(positions))
+    # an entry with no partner (a scanned model's) stays as it is, like every other entry
+    groups = tuple((name, tuple(where)) for name, where in members.items() if len(where) > 1)
+    grouped = {i for _, where in groups for i in where}
+    positions = tuple((path_str(keypath), i) for i, (keypath, _) in enumerate(flat) if i not in grouped)
+    return _assemble([entry for _, entry in flat], structure, groups, positions)
+
+
+def _assemble(flat: list, structure: Any, members: tuple, positions: tuple) -> LayerGroups:
+    """The groups of the entries ``flat`` (in ``structure``'s order): each group's stacked."""
+    stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[flat[i] for i in where]) for name, where in members}
+    return LayerGroups(stacked, {path: flat[i] for path, i in positions}, structure, members, positions)
 
 
 def _rebuild(groups: LayerGroups, layers_of) -> Any:
@@ -172,9 +169,7 @@ def group_as(adapter: Any, like: LayerGroups) -> LayerGroups:
     if structure != like.structure:
         raise ValueError("the adapter does not have the structure of the groups it should be grouped as: "
                          "group the tree that lrtt.ungroup_layers returned for them.")
-    stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[flat[i] for i in where]) for name, where in like.members}
-    others = {path: flat[position] for path, position in like.positions}
-    return LayerGroups(stacked, others, like.structure, like.members, like.positions)
+    return _assemble(flat, structure, like.members, like.positions)
 
 
 def _is_groups(x: Any) -> bool:
