@@ -60,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them, each round")
     parser.add_argument("--compile-rounds", type=int, default=2,
-                        help="interleaved rounds of compiling every variant (the minimum is reported)")
+                        help="interleaved rounds of compiling every variant (the minimum is reported; at least 1)")
     parser.add_argument("--variants", default="full,norms,lora-merged,lora,rep,rep-grouped,adp")
     parser.add_argument("--small", action="store_true", help="4 layers, 256 hidden, vocab 1024, seq 64")
     parser.add_argument("--model", default="gpt2", choices=("gpt2", "smollm2"),
@@ -156,11 +156,13 @@ def make_step(loss):
 
 
 def compile_seconds(variants, ids, rounds: int) -> dict:
-    """``{variant: seconds}`` from its trace and lowering to its compiled step (what a user waits
-    for before the first step): the minimum over ``rounds`` interleaved rounds, each with JAX's
-    caches cleared first (one compile on this machine varies by up to 30 %)."""
+    """``{variant: (seconds, optimizer, compiled step)}``: the seconds from its trace and lowering
+    to its compiled step (what a user waits for before the first step), the minimum over
+    ``rounds`` (at least 1) interleaved rounds, each with JAX's caches cleared first (one compile
+    on this machine varies by up to 30 %); the step compiled in the last round, to run."""
     seconds: dict = {}
-    for r in range(rounds):
+    built: dict = {}
+    for r in range(max(rounds, 1)):
         for name, (loss, trainable, frozen) in variants.items():
             jax.clear_caches()
             optimizer, step = make_step(loss)
@@ -168,11 +170,11 @@ def compile_seconds(variants, ids, rounds: int) -> dict:
             start = time.perf_counter()
             lowered = step.lower(trainable, opt_state, frozen, ids)
             traced = time.perf_counter()
-            lowered.compile()
+            built[name] = (optimizer, lowered.compile())
             seconds.setdefault(name, []).append((time.perf_counter() - start, traced - start))
         print(f"  compile round {r + 1}/{rounds} (s, of which trace + lower): " + ", ".join(
             f"{n} {v[-1][0]:.1f} ({v[-1][1]:.1f})" for n, v in seconds.items()), flush=True)
-    return {name: min(v)[0] for name, v in seconds.items()}
+    return {name: (min(v)[0], *built[name]) for name, v in seconds.items()}
 
 
 def memory_mb(compiled) -> float:
@@ -194,19 +196,18 @@ def main(argv=None):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq), dtype=np.int32))
     runs = {}
     variants = make_variants(args, model, params)
-    compile_s = compile_seconds(variants, ids, args.compile_rounds)
+    compiled_steps = compile_seconds(variants, ids, args.compile_rounds)
     for name, (loss, trainable, frozen) in variants.items():
-        optimizer, step = make_step(loss)
+        compile_s, optimizer, compiled = compiled_steps[name]
         opt_state = optimizer.init(trainable)
         trainable = jax.tree.map(jnp.copy, trainable)  # donated: never the shared params
-        compiled = step.lower(trainable, opt_state, frozen, ids).compile()
         flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
         trainable, opt_state, value = compiled(trainable, opt_state, frozen, ids)  # warm-up
         jax.block_until_ready(value)
         n_train = sum(x.size for x in jax.tree.leaves(trainable))
         runs[name] = dict(compiled=compiled, state=[trainable, opt_state], frozen=frozen, times=[], cpu=[],
-                          compile_s=compile_s[name], memory=memory_mb(compiled), flops=flops, n_train=n_train)
-        print(f"  compiled {name:14s} in {compile_s[name]:5.1f} s, loss {float(value):.4f}, "
+                          compile_s=compile_s, memory=memory_mb(compiled), flops=flops, n_train=n_train)
+        print(f"  compiled {name:14s} in {compile_s:5.1f} s, loss {float(value):.4f}, "
               f"{n_train:,} trainable", flush=True)
     names = list(runs)
     for r in range(args.rounds):
