@@ -3,7 +3,7 @@
 A model whose layers are unrolled (transformers' Flax classes, most hand-written models) gets one
 adapter entry per layer and target: GPT-2 small's 48 all-linear targets give LorettaRep 420 TT
 cores. XLA compiles each core's AdamW update and each layer's TT contractions on their own, so
-the training step compiles in 1.8x LoRA's time (docs/factored.md, "Compile time"; 1.1x grouped).
+the training step compiles in 2.2x LoRA's time (docs/factored.md, "Compile time"; 1.2x grouped).
 
 ``group_layers(adapter)`` stacks the ``TTFactors`` entries whose paths differ only in a layer
 index (``h/0/attn/c_attn/kernel``, ``h/1/...`` → group ``h/*/attn/c_attn/kernel``) and
