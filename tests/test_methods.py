@@ -1,5 +1,6 @@
 """Method configs and `init`: shapes, scales, inits, validation errors."""
 
+import json
 import math
 
 import jax
@@ -82,6 +83,30 @@ def test_rep_shapes_auto_and_given():
     given = lrtt.LorettaRep(rank=4, tt_rank=2, tt_shape=[8, 16]).init(KEY, params)
     entry = given["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["value"]["kernel"]
     assert [c.shape for c in entry.a] == [(1, 8, 2), (2, 16, 1)]
+
+
+def test_rep_tt_shape_as_a_number_of_cores():
+    """``tt_shape=d``: the balanced automatic factorization into d cores per matrix (both matrices,
+    every target); it survives a config round trip and an impossible d is a clear error."""
+    params = tiny_model("bert").params
+    method = lrtt.LorettaRep(rank=4, tt_rank=3, tt_shape=2)
+    assert lrtt.LorettaRep.from_config(json.loads(json.dumps(method.to_config()))) == method
+    adapter = method.init(KEY, params)
+    entry = adapter["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    assert [c.shape for c in entry.a] == [(1, 16, 3), (3, 8, 1)]  # auto_dims(32, 4, cores=2)
+    assert [c.shape for c in entry.b] == [(1, 16, 3), (3, 8, 1)]
+    dense = lrtt.LorettaRep(rank=4, tt_rank=3).init(KEY, params)
+    first = lambda adapter: next(iter(lrtt.entries(adapter).values()))  # noqa: E731
+    assert len(first(dense).a) == 2  # 128 entries: log_8 gives 2 cores by default too
+    three = lrtt.LorettaRep(rank=4, tt_rank=3, tt_shape=3).init(KEY, params)
+    assert [c.shape[1] for c in first(three).a] == [4, 8, 4]
+    with pytest.raises(ValueError, match=r"cannot be split into 9 factors > 1 \(at most 7\)"):
+        lrtt.LorettaRep(rank=4, tt_shape=9).init(KEY, params)
+    with pytest.raises(ValueError, match=r"an int d .* got 0"):
+        lrtt.LorettaRep(rank=4, tt_shape=0).init(KEY, params)
+    adp = lrtt.LorettaAdp(bottleneck=8, tt_rank=2, tt_shape=2)
+    bottlenecks = [e for e in lrtt.entries(adp.init(KEY, params)).values() if hasattr(e, "down")]
+    assert hash(adp) is not None and bottlenecks and all(len(e.down) == 2 for e in bottlenecks)
 
 
 def test_rep_tt_shape_product_mismatch_is_a_clear_error():
@@ -174,7 +199,6 @@ def test_adp_errors():
 
 
 def test_configs_are_json_able():
-    import json
 
     for method in (lrtt.LoRA(rank_pattern={"q": 2}), lrtt.LorettaRep(tt_shape=[4, 8]), lrtt.LorettaAdp()):
         config = json.loads(json.dumps(method.to_config()))

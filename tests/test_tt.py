@@ -156,7 +156,8 @@ def test_resolve_dims():
     assert resolve_dims(np.array([10, 100]), 100, 10) == (10, 100)
     with pytest.raises(ValueError, match=r"has product 100 .* give dims whose product is 1000"):
         resolve_dims((10, 10), 100, 10)
-    for bad in ("LoRETTA", "auto", 3, 2.5):
+    assert resolve_dims(2, 100, 10) == auto_dims(100, 10, cores=2) == (40, 25)  # an int: that many cores
+    for bad in ("LoRETTA", "auto", 0, True, 2.5):
         with pytest.raises(ValueError, match=r"`tt_shape` must be None.*\"loretta\".*sequence"):
             resolve_dims(bad, 100, 10)
 

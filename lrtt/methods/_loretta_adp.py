@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -69,7 +70,8 @@ class LorettaAdp(Method):
       tt_rank: TT rank of the cores of ``D`` and ``U`` (reference 5).
       scale: ``s`` (reference 1.0).
       activation: one of ``relu`` (reference), ``gelu``, ``silu``, ``tanh``, ``identity``.
-      tt_shape: ``"loretta"`` (reference tables, default), ``None`` (automatic) or dims.
+      tt_shape: ``"loretta"`` (reference tables, default), ``None`` (automatic), an int ``d``
+        (automatic, into ``d`` cores) or dims.
       after, before: ``"loretta"`` (the reference placement), a regex or list, or ``None``.
         Each pattern given as a regex or list must match a leaf (the reference placement
         resolves per family and may match nothing on one side, e.g. ``before`` on BERT).
@@ -116,7 +118,7 @@ class LorettaAdp(Method):
         object.__setattr__(self, "before", _preset(self.before, "before"))
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
         object.__setattr__(self, "layouts", as_pairs(self.layouts))
-        if not isinstance(self.tt_shape, (str, type(None))):
+        if not isinstance(self.tt_shape, (str, type(None), numbers.Integral)):
             object.__setattr__(self, "tt_shape", tuple(self.tt_shape))
 
     def _after(self, targets: Any) -> tuple[str, ...]:

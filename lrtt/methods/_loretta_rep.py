@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -29,8 +30,8 @@ REP_INITS = ("zero_delta", "gaussian")
 
 
 def freeze_tt_shape(tt_shape: Any) -> Any:
-    """``None`` / ``"loretta"`` / dims / ``(dims_a, dims_b)`` → a hashable value."""
-    if tt_shape is None or isinstance(tt_shape, str):
+    """``None`` / an int / ``"loretta"`` / dims / ``(dims_a, dims_b)`` → a hashable value."""
+    if tt_shape is None or isinstance(tt_shape, (str, numbers.Integral)):
         return tt_shape
     items = tuple(tt_shape)
     if items and all(isinstance(x, (list, tuple)) for x in items):
@@ -68,9 +69,10 @@ class LorettaRep(Method):
       rank: the bottleneck ``r`` of ``ΔW`` (reference 8); ``r <= min(in, out)``.
       alpha: scale numerator (reference 16); scale ``alpha / rank``.
       tt_rank: TT rank of the cores (paper tables 5, reference scripts 8).
-      tt_shape: ``None`` (balanced automatic factorization of ``in·r`` and ``r·out``),
-        ``"loretta"`` (the reference tables where a row fits, else automatic), one list of dims
-        used for both matrices, or a pair ``(dims_a, dims_b)``.
+      tt_shape: ``None`` (balanced automatic factorization of ``in·r`` and ``r·out``), an int
+        ``d`` (the same, into ``d`` cores each), ``"loretta"`` (the reference tables where a row
+        fits, else automatic), one list of dims used for both matrices, or a pair
+        ``(dims_a, dims_b)``.
       targets: preset, regex or list of regexes (reference: q and v, ``"qv"``).
       dropout: dropout rate on the adapter's input (factored execution with an rng only;
         reference 0.05).

@@ -50,9 +50,10 @@ _PRODUCT_MISMATCH = (
     "`lrtt.tt.auto_dims({n_in}, {n_out})`), or leave it None for the automatic factorization"
 )
 _BAD_TT_SHAPE = (
-    "`tt_shape` must be None (automatic balanced factorization), \"loretta\" (the reference "
-    "tables, falling back to the automatic factorization) or a sequence of positive ints whose "
-    "product is n_in * n_out; got {value!r}"
+    "`tt_shape` must be None (automatic balanced factorization), an int d (the balanced "
+    "factorization into d cores), \"loretta\" (the reference tables, falling back to the "
+    "automatic factorization) or a sequence of positive ints whose product is n_in * n_out; "
+    "got {value!r}"
 )
 _BAD_CORES = (
     "`cores` do not form a tensor train: shapes {shapes}; core i must be "
@@ -174,10 +175,12 @@ def _rebalance(groups: list[list[int]]) -> None:
         _, a, b, groups[a], groups[b] = best
 
 
-def auto_dims(n_in, n_out) -> tuple[int, ...]:
-    """A balanced factorization of ``n = n_in * n_out`` into about ``log_8(n)`` factors.
+def auto_dims(n_in, n_out, cores: int | None = None) -> tuple[int, ...]:
+    """A balanced factorization of ``n = n_in * n_out`` into about ``log_8(n)`` factors, or into
+    ``cores`` factors.
 
-    ``d = max(1, round(log(n) / log(8)))`` bins (at most the number of prime factors); the prime
+    ``d = max(1, round(log(n) / log(8)))`` bins (``cores`` when given; at most the number of prime
+    factors, else an error); the prime
     factors, largest first, go each into the currently smallest bin, then single primes are moved
     or swapped between bins while that lowers ``sum(log(k_i)^2)`` (e.g. ``3072 * 768`` gives a 9
     and six 8s, not a 6 and a 12). The bins are laid out largest in the middle
@@ -185,12 +188,23 @@ def auto_dims(n_in, n_out) -> tuple[int, ...]:
     (``11008 * 8 -> (4, 8, 43, 8, 8)``); a prime ``n`` gives ``(n,)``, a single core that is the
     dense matrix itself.
 
-    >>> auto_dims(768, 64), auto_dims(4096, 8)
-    ((8, 8, 12, 8, 8), (8, 8, 8, 8, 8))
+    Fewer cores hold more numbers per core and represent more matrices at the same TT rank
+    (``576 * 8``: ``(8, 9, 8, 8)`` by default, ``(16, 18, 16)`` in 3 cores, ``(72, 64)`` in 2).
+
+    >>> auto_dims(768, 64), auto_dims(4096, 8), auto_dims(576, 8, cores=3)
+    ((8, 8, 12, 8, 8), (8, 8, 8, 8, 8), (16, 18, 16))
     """
     n = _check_int(n_in, "n_in") * _check_int(n_out, "n_out")
     primes = sorted(_prime_factors(n), reverse=True)
-    d = max(1, min(int(math.floor(math.log(n) / math.log(8) + 0.5)), len(primes)))
+    if cores is None:
+        d = max(1, min(int(math.floor(math.log(n) / math.log(8) + 0.5)), len(primes)))
+    else:
+        d = _check_int(cores, "cores")
+        if d > max(len(primes), 1):
+            raise ValueError(
+                f"a ({n_in}, {n_out}) matrix has {n} = {' * '.join(map(str, sorted(primes))) or '1'} entries, "
+                f"which cannot be split into {d} factors > 1 (at most {max(len(primes), 1)}); ask for "
+                f"fewer cores, or give the dims as a sequence")
     groups = [[] for _ in range(d)]
     for p in primes:
         min(groups, key=math.prod).append(p)
@@ -221,15 +235,19 @@ def preset_dims(n_in, n_out) -> tuple[int, ...] | None:
 def resolve_dims(tt_shape, n_in, n_out) -> tuple[int, ...]:
     """Turns a user's ``tt_shape`` option into dims for an ``(n_in, n_out)`` matrix.
 
-    ``None`` -> :func:`auto_dims`; ``"loretta"`` -> :func:`preset_dims`, falling back to
-    :func:`auto_dims` when no reference row applies; a sequence -> validated (product must be
-    ``n_in * n_out``).
+    ``None`` -> :func:`auto_dims`; an int ``d`` -> :func:`auto_dims` into ``d`` cores;
+    ``"loretta"`` -> :func:`preset_dims`, falling back to :func:`auto_dims` when no reference row
+    applies; a sequence -> validated (product must be ``n_in * n_out``).
 
     Raises:
       ValueError: any other value, or a sequence that fails :func:`validate`.
     """
     if tt_shape is None:
         return auto_dims(n_in, n_out)
+    if _is_int(tt_shape):
+        if tt_shape < 1:
+            raise ValueError(_BAD_TT_SHAPE.format(value=tt_shape))
+        return auto_dims(n_in, n_out, cores=tt_shape)
     if isinstance(tt_shape, str) and tt_shape == "loretta":
         return preset_dims(n_in, n_out) or auto_dims(n_in, n_out)
     if isinstance(tt_shape, (str, bytes)) or not hasattr(tt_shape, "__len__"):
