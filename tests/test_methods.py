@@ -100,10 +100,15 @@ def test_rep_tt_shape_as_a_number_of_cores():
     assert len(first(dense).a) == 2  # 128 entries: log_8 gives 2 cores by default too
     three = lrtt.LorettaRep(rank=4, tt_rank=3, tt_shape=3).init(KEY, params)
     assert [c.shape[1] for c in first(three).a] == [4, 8, 4]
-    with pytest.raises(ValueError, match=r"cannot be split into 9 factors > 1 \(at most 7\)"):
+    with pytest.raises(ValueError, match=r"`tt_shape=9` .* cannot be split into 9 factors > 1 \(at most 7\)"):
         lrtt.LorettaRep(rank=4, tt_shape=9).init(KEY, params)
-    with pytest.raises(ValueError, match=r"an int d .* got 0"):
-        lrtt.LorettaRep(rank=4, tt_shape=0).init(KEY, params)
+    for bad in (0, -1, True):  # refused when the method is made, not at init
+        with pytest.raises(ValueError, match=r"an int d .* got " + repr(bad)):
+            lrtt.LorettaRep(rank=4, tt_shape=bad)
+    numpy_d = lrtt.LorettaRep(rank=4, tt_rank=3, tt_shape=np.int64(2))  # a plain int in the config, as rank
+    assert numpy_d == method and json.loads(json.dumps(numpy_d.to_config()))["tt_shape"] == 2
+    dims = lrtt.LorettaRep(tt_shape=np.array([8, 16]))
+    assert lrtt.LorettaRep.from_config(json.loads(json.dumps(dims.to_config()))).tt_shape == (8, 16)
     adp = lrtt.LorettaAdp(bottleneck=8, tt_rank=2, tt_shape=2)
     bottlenecks = [e for e in lrtt.entries(adp.init(KEY, params)).values() if hasattr(e, "down")]
     assert hash(adp) is not None and bottlenecks and all(len(e.down) == 2 for e in bottlenecks)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -118,8 +117,7 @@ class LorettaAdp(Method):
         object.__setattr__(self, "before", _preset(self.before, "before"))
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
         object.__setattr__(self, "layouts", as_pairs(self.layouts))
-        if not isinstance(self.tt_shape, (str, type(None), numbers.Integral)):
-            object.__setattr__(self, "tt_shape", tuple(self.tt_shape))
+        object.__setattr__(self, "tt_shape", _tt.freeze_spec(self.tt_shape))
 
     def _after(self, targets: Any) -> tuple[str, ...]:
         """``after`` from the ``after`` and ``targets`` arguments (one of them at most).

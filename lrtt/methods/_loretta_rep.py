@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -27,16 +26,6 @@ from lrtt.methods._base import (
 from lrtt.tt import _core as _tt
 
 REP_INITS = ("zero_delta", "gaussian")
-
-
-def freeze_tt_shape(tt_shape: Any) -> Any:
-    """``None`` / an int / ``"loretta"`` / dims / ``(dims_a, dims_b)`` → a hashable value."""
-    if tt_shape is None or isinstance(tt_shape, (str, numbers.Integral)):
-        return tt_shape
-    items = tuple(tt_shape)
-    if items and all(isinstance(x, (list, tuple)) for x in items):
-        return tuple(tuple(x) for x in items)
-    return items
 
 
 def resolve_pair(tt_shape: Any, shape_a: tuple[int, int], shape_b: tuple[int, int]):
@@ -107,7 +96,7 @@ class LorettaRep(Method):
         object.__setattr__(self, "targets", freeze_patterns(self.targets, "targets", self.layouts))
         object.__setattr__(self, "trainable", freeze_patterns(self.trainable, "trainable"))
         object.__setattr__(self, "layouts", as_pairs(self.layouts))
-        object.__setattr__(self, "tt_shape", freeze_tt_shape(self.tt_shape))
+        object.__setattr__(self, "tt_shape", _tt.freeze_spec(self.tt_shape))
 
     @property
     def scale(self) -> float:

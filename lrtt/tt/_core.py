@@ -201,10 +201,11 @@ def auto_dims(n_in, n_out, cores: int | None = None) -> tuple[int, ...]:
     else:
         d = _check_int(cores, "cores")
         if d > max(len(primes), 1):
+            factors = f" = {' * '.join(map(str, sorted(primes)))}" if len(primes) > 1 else ""
             raise ValueError(
-                f"a ({n_in}, {n_out}) matrix has {n} = {' * '.join(map(str, sorted(primes))) or '1'} entries, "
-                f"which cannot be split into {d} factors > 1 (at most {max(len(primes), 1)}); ask for "
-                f"fewer cores, or give the dims as a sequence")
+                f"the ({n_in}, {n_out}) matrix it tensorizes has {n}{factors} entries, which cannot "
+                f"be split into {d} factors > 1 (at most {max(len(primes), 1)}); ask for at most "
+                f"{max(len(primes), 1)} cores, or give the dims as a sequence")
     groups = [[] for _ in range(d)]
     for p in primes:
         min(groups, key=math.prod).append(p)
@@ -232,6 +233,31 @@ def preset_dims(n_in, n_out) -> tuple[int, ...] | None:
     return validate(row, 1, n_in=n_in, n_out=n_out, name="LoRETTA preset")
 
 
+def freeze_spec(tt_shape):
+    """A ``tt_shape`` option as a hashable value of plain Python ints, for a method's config.
+
+    ``None`` / ``"loretta"`` (any string: checked when it is used) as they are; an int ``d >= 1``
+    as ``int(d)`` (a numpy integer too); a sequence of dims, or a pair of them, as tuples of
+    ints. A bool or an int below 1 is an error now, not at ``init``.
+
+    >>> freeze_spec(np.int64(3)), freeze_spec([np.int64(8), 16]), freeze_spec([[4, 8], [8, 4]])
+    (3, (8, 16), ((4, 8), (8, 4)))
+    """
+    if tt_shape is None or isinstance(tt_shape, str):
+        return tt_shape
+    if isinstance(tt_shape, (bool, np.bool_)) or (_is_int(tt_shape) and tt_shape < 1):
+        raise ValueError(_BAD_TT_SHAPE.format(value=tt_shape))
+    if _is_int(tt_shape):
+        return int(tt_shape)
+    if not hasattr(tt_shape, "__len__"):
+        raise ValueError(_BAD_TT_SHAPE.format(value=tt_shape))
+    plain = lambda x: int(x) if _is_int(x) else x  # noqa: E731
+    items = tuple(tt_shape)
+    if items and all(hasattr(x, "__len__") and not isinstance(x, str) for x in items):
+        return tuple(tuple(plain(k) for k in x) for x in items)
+    return tuple(plain(k) for k in items)
+
+
 def resolve_dims(tt_shape, n_in, n_out) -> tuple[int, ...]:
     """Turns a user's ``tt_shape`` option into dims for an ``(n_in, n_out)`` matrix.
 
@@ -247,7 +273,10 @@ def resolve_dims(tt_shape, n_in, n_out) -> tuple[int, ...]:
     if _is_int(tt_shape):
         if tt_shape < 1:
             raise ValueError(_BAD_TT_SHAPE.format(value=tt_shape))
-        return auto_dims(n_in, n_out, cores=tt_shape)
+        try:
+            return auto_dims(n_in, n_out, cores=tt_shape)
+        except ValueError as err:
+            raise ValueError(f"`tt_shape={tt_shape}` (cores per tensorized matrix): {err}") from None
     if isinstance(tt_shape, str) and tt_shape == "loretta":
         return preset_dims(n_in, n_out) or auto_dims(n_in, n_out)
     if isinstance(tt_shape, (str, bytes)) or not hasattr(tt_shape, "__len__"):
