@@ -27,7 +27,8 @@ count and its ratio to LoRA's.
 
 Methods: LoRA r = 8 (``lora``), LorettaRep r = 8 at TT rank 5 and 10 (``rep_t5``, ``rep_t10``), and
 TT rank 5 with alpha 32 / 64 or every core Gaussian (``rep_a32``, ``rep_a64``, ``rep_gauss``), and
-LorettaRep r = 16 / 32 / 64 at TT rank 5 with alpha = 2r (``rep_r16``, ``rep_r32``, ``rep_r64``);
+LorettaRep r = 16 / 32 / 64 at TT rank 5 with alpha = 2r (``rep_r16``, ``rep_r32``, ``rep_r64``),
+LorettaRep r = 8 at TT rank 5 in 3 or 2 cores per matrix (``rep_d3``, ``rep_d2``: ``tt_shape=3``, ``2``);
 ``--lrs`` replaces each method's own learning rates in the sweep.
 
 Run:  python benchmarks/lm_study.py                       (hours on 2 CPU cores: see docs/results.md)
