@@ -156,21 +156,9 @@ def test_rank_r_update_program_does_not_grow_with_the_rank():
         loss = lambda a: jnp.sum(jnp.tanh(lrtt.factored(lambda p, x: x @ p["dense"]["kernel"])(  # noqa: E731
             lrtt.wrap(method, params, a), x)))
         jaxpr = jax.make_jaxpr(jax.grad(loss))(adapter)
-        return sum(1 for _ in _all_equations(jaxpr.jaxpr))
+        return sum(1 for _ in _walk(jaxpr.jaxpr))
 
     assert n_equations(2) == n_equations(16)
-
-
-def _all_equations(jaxpr):
-    """Every equation of ``jaxpr`` and of the sub-jaxprs its equations hold (custom VJPs, pjit)."""
-    from lrtt._jaxpr import is_jaxpr, open_jaxpr
-
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if is_jaxpr(sub):
-                    yield from _all_equations(open_jaxpr(sub)[0])
 
 
 def test_bf16_base_factored_agrees_with_the_bf16_merged_export():

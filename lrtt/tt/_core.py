@@ -199,13 +199,13 @@ def auto_dims(n_in, n_out, cores: int | None = None) -> tuple[int, ...]:
     if cores is None:
         d = max(1, min(int(math.floor(math.log(n) / math.log(8) + 0.5)), len(primes)))
     else:
-        d = _check_int(cores, "cores")
-        if d > max(len(primes), 1):
+        d, most = _check_int(cores, "cores"), max(len(primes), 1)
+        if d > most:
             factors = f" = {' * '.join(map(str, sorted(primes)))}" if len(primes) > 1 else ""
             raise ValueError(
                 f"the ({n_in}, {n_out}) matrix it tensorizes has {n}{factors} entries, which cannot "
-                f"be split into {d} factors > 1 (at most {max(len(primes), 1)}); ask for at most "
-                f"{max(len(primes), 1)} cores, or give the dims as a sequence")
+                f"be split into {d} factors > 1 (at most {most}); ask for at most {most} cores, or "
+                "give the dims as a sequence")
     groups = [[] for _ in range(d)]
     for p in primes:
         min(groups, key=math.prod).append(p)
